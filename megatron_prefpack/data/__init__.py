@@ -1,0 +1,1 @@
+"""Prompt-shared packed rows: records -> tokenized groups -> rows with layout metadata."""

@@ -1,0 +1,1 @@
+"""Config, the ``prefpack train`` loop, reference log-probs and checkpoints."""
