@@ -1,0 +1,232 @@
+"""Reward head in GPTModel's output slot, reading rewards at EOS, and the ranking losses."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_prefpack.data.layout import build_row, token_views
+from megatron_prefpack.losses.reward import (
+    RewardHead,
+    bradley_terry_losses,
+    ranking_group_losses,
+    ranking_pairs,
+    response_end_positions,
+    response_end_rewards,
+)
+from tests.distributed import run_distributed
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def test_head_output_shape_ignores_tied_weight_and_is_seeded() -> None:
+    head = RewardHead(8, seed=3)
+    hidden = torch.randn(5, 2, 8)
+    rewards, bias = head(hidden, weight=torch.randn(100, 8), runtime_gather_output=True)
+    assert rewards.shape == (5, 2, 1) and bias is None
+    torch.testing.assert_close(rewards, hidden @ head.weight.t())
+    torch.testing.assert_close(RewardHead(8, seed=3).weight, head.weight)
+    assert float(head.weight.std()) < 1.0
+    assert not RewardHead(8, init_std=0.0).weight.any()
+
+
+def test_rewards_are_read_at_each_response_eos_token() -> None:
+    row = build_row(
+        [
+            (4, np.array([1, 2, 3]), [(0, np.array([5, 6, 2])), (1, np.array([7, 2]))]),
+            (8, np.array([9]), [(0, np.array([2]))]),
+        ],
+        row_length=16,
+        pad_id=0,
+    )
+    views = token_views(row)
+    slots = torch.from_numpy(np.stack([views.response_slots, views.response_slots]))
+    slots[1][slots[1] >= 0] += 3  # a second row holding responses 3..5
+    segments = [seg for g in row.groups for seg in g.segments]
+    expected_ends = [seg.end - 1 for seg in segments]
+    assert all(row.tokens[e] == 2 for e in expected_ends)  # the EOS token of each response
+    ends = response_end_positions(slots, 6)
+    assert ends.tolist() == expected_ends + [16 + e for e in expected_ends]
+
+    token_rewards = torch.arange(32.0).view(2, 16, 1)
+    torch.testing.assert_close(response_end_rewards(token_rewards, slots, 6), ends.float())
+    with pytest.raises(ValueError, match=r"responses \[6\] have no loss-carrying position"):
+        response_end_positions(slots, 7)
+
+
+def test_bradley_terry_with_margin() -> None:
+    chosen, rejected = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.5])
+    losses = bradley_terry_losses(chosen, rejected)
+    torch.testing.assert_close(losses, torch.tensor([softplus(-1.0), softplus(1.0)]))
+    with_margin = bradley_terry_losses(chosen, rejected, torch.tensor([0.5, 0.0]))
+    torch.testing.assert_close(with_margin, torch.tensor([softplus(-0.5), softplus(1.0)]))
+
+
+def test_ranking_forms_all_ordered_pairs_within_groups_and_skips_ties() -> None:
+    group_ids = torch.tensor([7, 7, 7, 3, 3, 5, 5])
+    scores = torch.tensor([0.2, 0.9, 0.5, 1.0, 0.0, 1.0, 1.0])
+    winners, losers = ranking_pairs(group_ids, scores)
+    assert sorted(zip(winners.tolist(), losers.tolist(), strict=True)) == [(1, 0), (1, 2), (2, 0), (3, 4)]
+    with pytest.raises(ValueError, match=r"groups \[3\] have responses without a score"):
+        ranking_pairs(group_ids, scores.index_fill(0, torch.tensor([4]), float("nan")))
+
+
+def test_ranking_group_losses_average_pairs_per_group_instructgpt_style() -> None:
+    group_ids = torch.tensor([7, 7, 7, 3, 3, 5, 5])
+    scores = torch.tensor([0.2, 0.9, 0.5, 1.0, 0.0, 1.0, 1.0])
+    rewards = torch.tensor([0.0, 1.0, 3.0, 2.0, 0.5, 9.0, -9.0])
+    margins = torch.tensor([math.nan] * 3 + [0.25] * 2 + [math.nan] * 2)
+    losses, winners, losers, pair_groups = ranking_group_losses(rewards, group_ids, scores, margins=margins)
+    # Groups in ascending id: 3 (one pair, margin 0.25), 7 (three pairs, no margin); 5 only ties.
+    expected_3 = softplus(-(2.0 - 0.5 - 0.25))
+    expected_7 = (softplus(-(1.0 - 0.0)) + softplus(-(1.0 - 3.0)) + softplus(-(3.0 - 0.0))) / 3
+    torch.testing.assert_close(losses, torch.tensor([expected_3, expected_7]))
+    assert pair_groups.tolist() == [1, 1, 1, 0]
+    assert winners.tolist() == [1, 1, 2, 3] and losers.tolist() == [0, 2, 0, 4]
+
+
+def test_centering_adds_trl_pair_sum_square() -> None:
+    # One pair per group: TRL's loss + c * mean((r_c + r_r)^2).
+    group_ids = torch.tensor([0, 0, 1, 1])
+    scores = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    rewards = torch.tensor([1.5, -0.5, 0.2, 0.4])
+    losses, *_ = ranking_group_losses(rewards, group_ids, scores, center_coefficient=0.01)
+    trl_loss = (softplus(-2.0) + softplus(0.2)) / 2 + 0.01 * ((1.0**2) + (0.6**2)) / 2
+    assert losses.mean().item() == pytest.approx(trl_loss)
+
+
+def _tiny_gpt(tp: int):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=2,
+        hidden_size=16,
+        num_attention_heads=4,
+        ffn_hidden_size=32,
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=tp > 1,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    return GPTModel(
+        config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=32,
+        max_sequence_length=16,
+        share_embeddings_and_output_weights=True,
+    )
+
+
+def _gpt_worker(tp: int, tokens: torch.Tensor) -> dict:
+    """Build a tiny tied-embedding GPTModel, attach the head, run forward/backward."""
+    from megatron.core import parallel_state
+
+    from megatron_prefpack.losses.reward import attach_reward_head
+    from megatron_prefpack.platform.distributed import initialize
+
+    initialize(tensor_parallel=tp)
+    model = _tiny_gpt(tp)
+    attach_reward_head(model, seed=1)
+    assert not model.share_embeddings_and_output_weights
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    rewards = model(tokens, positions, attention_mask=None)
+    (rewards.squeeze(-1) * torch.linspace(-1, 1, tokens.numel()).view_as(tokens)).sum().backward()
+    return {
+        "rewards": rewards.detach(),
+        "head_grad": model.output_layer.weight.grad,
+        "embedding_grad": model.embedding.word_embeddings.weight.grad,
+        "state_keys": {k: tuple(v.shape) for k, v in model.state_dict().items() if "output_layer" in k},
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+    }
+
+
+@pytest.mark.slow
+def test_attached_head_gives_same_rewards_and_grads_at_tp1_and_tp2_sequence_parallel() -> None:
+    tokens = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    (single,) = run_distributed(_gpt_worker, 1, 1, tokens)
+    assert single["rewards"].shape == (2, 8, 1)
+    assert single["state_keys"] == {"output_layer.weight": (1, 16)}
+    ranks = run_distributed(_gpt_worker, 2, 2, tokens)
+    for rank in ranks:
+        torch.testing.assert_close(rank["rewards"], single["rewards"], rtol=1e-5, atol=1e-5)
+        # The head's gradient is complete on every TP rank (no reduction needed).
+        torch.testing.assert_close(rank["head_grad"], single["head_grad"], rtol=1e-5, atol=1e-5)
+    # Vocab-sharded embedding gradients concatenate to the TP=1 gradient: the sequence-parallel
+    # gather's backward splits instead of summing the replicated gradient over TP.
+    sharded = torch.cat([r["embedding_grad"] for r in sorted(ranks, key=lambda r: r["tp_rank"])])
+    torch.testing.assert_close(sharded, single["embedding_grad"], rtol=1e-5, atol=1e-5)
+
+
+def _rm_batch_rows():
+    from megatron_prefpack.data.groups import TokenizedGroup
+    from megatron_prefpack.data.layout import build_row
+
+    rng = np.random.default_rng(0)
+    spec = {  # gid: (prompt length, response lengths, scores, margin)
+        4: (3, [2, 3], [1.0, 0.0], 0.5),
+        7: (2, [2, 1, 3], [0.1, 0.7, 0.3], None),
+        9: (4, [3, 2], [2.0, 2.0], None),  # a tie: no pair, not counted
+        2: (2, [4, 2], [0.0, 1.0], None),
+    }
+    groups = {
+        gid: TokenizedGroup(
+            gid, rng.integers(1, 30, p), [rng.integers(1, 30, r) for r in rs], "ranked", sc, m
+        )
+        for gid, (p, rs, sc, m) in spec.items()
+    }
+    layout = [[4, 7], [9, 2]]
+    rows = [
+        build_row([(g, groups[g].prompt, list(enumerate(groups[g].responses))) for g in gids], 20, 0)
+        for gids in layout
+    ]
+    return groups, rows
+
+
+def test_reward_objective_micro_batches_sum_to_the_global_mean_over_ranked_groups() -> None:
+    from megatron_prefpack.data.batch import collate
+    from megatron_prefpack.losses.objectives import RewardObjective
+
+    groups, rows = _rm_batch_rows()
+    token_rewards = torch.randn(2, 20, 1, generator=torch.Generator().manual_seed(0))
+    objective = RewardObjective(center_coefficient=0.05)
+    whole_batch = collate(rows, groups)
+    total = objective.count(whole_batch)
+    assert total == 3
+
+    whole_leaf = token_rewards.clone().requires_grad_(True)
+    whole = objective(whole_batch, whole_leaf, total)
+    whole.loss.backward()
+    split_leaf = token_rewards.clone().requires_grad_(True)
+    parts = [objective(collate([rows[i]], groups), split_leaf[i : i + 1], total) for i in range(2)]
+    sum(p.loss for p in parts).backward()
+    torch.testing.assert_close(sum(p.loss.detach() for p in parts), whole.loss.detach())
+    torch.testing.assert_close(split_leaf.grad, whole_leaf.grad)
+    for name, value in whole.metrics.items():
+        torch.testing.assert_close(sum(p.metrics[name] for p in parts), value)
+
+    # By hand: rewards at each response's EOS token, pairs by score, mean per group, mean over groups.
+    reward = {}
+    for r, row in enumerate(rows):
+        for placement in row.groups:
+            for seg in placement.segments:
+                reward[(placement.group_id, seg.response_index)] = float(token_rewards[r, seg.end - 1, 0])
+
+    def pair(g: int, w: int, lose: int, margin: float = 0.0) -> float:
+        rw, rl = reward[(g, w)], reward[(g, lose)]
+        return softplus(-(rw - rl - margin)) + 0.05 * (rw + rl) ** 2
+
+    group_4 = pair(4, 0, 1, margin=0.5)
+    group_7 = (pair(7, 1, 0) + pair(7, 1, 2) + pair(7, 2, 0)) / 3
+    group_2 = pair(2, 1, 0)
+    assert whole.loss.item() == pytest.approx((group_4 + group_7 + group_2) / 3, rel=1e-5)
+    accuracy_7 = sum(reward[(7, w)] > reward[(7, lo)] for w, lo in ((1, 0), (1, 2), (2, 0))) / 3
+    expected_accuracy = (reward[(4, 0)] > reward[(4, 1)]) + accuracy_7 + (reward[(2, 1)] > reward[(2, 0)])
+    assert whole.metrics["rewards/accuracy"].item() == pytest.approx(expected_accuracy)

@@ -1,0 +1,115 @@
+"""Multi-response SFT: every response of a group is a target (e.g. Think-Fusion mode overlap)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_prefpack.data.batch import collate
+from megatron_prefpack.data.groups import TokenizedGroup
+from megatron_prefpack.data.layout import build_row
+from megatron_prefpack.losses.objectives import SFTObjective
+from megatron_prefpack.losses.sft import sft_response_losses
+
+VOCAB = 16
+ROW = 40
+THINK, END_THINK = 14, 15
+
+
+def _mode_overlap_groups() -> dict[int, TokenizedGroup]:
+    """Each prompt answered once with ``<think>..</think>`` reasoning and once without."""
+    rng = np.random.default_rng(0)
+    groups = {}
+    for gid, (p, think, plain) in {2: (4, 5, 3), 6: (3, 6, 2), 9: (5, 4, 4)}.items():
+        reasoning = np.concatenate([[THINK], rng.integers(1, 14, think), [END_THINK]])
+        answer = rng.integers(1, 14, plain)
+        responses = [np.concatenate([reasoning, answer]), answer]
+        groups[gid] = TokenizedGroup(gid, rng.integers(1, 14, p), responses, kind="multi")
+    return groups
+
+
+def _rows(groups: dict[int, TokenizedGroup], layout: list[list[int]]) -> list:
+    return [
+        build_row([(g, groups[g].prompt, list(enumerate(groups[g].responses))) for g in gids], ROW, 0)
+        for gids in layout
+    ]
+
+
+def _naive_nll(logits: torch.Tensor, rows: list, groups: dict) -> dict[tuple[int, int], tuple[float, int]]:
+    """(group, k) -> (NLL sum, tokens), read straight from the logits at each segment."""
+    out = {}
+    for r, row in enumerate(rows):
+        logps = torch.log_softmax(logits[r].double(), dim=-1)
+        for placement in row.groups:
+            for seg in placement.segments:
+                response = groups[placement.group_id].responses[seg.response_index]
+                nll = -sum(float(logps[seg.start + i, int(t)]) for i, t in enumerate(response))
+                out[(placement.group_id, seg.response_index)] = (nll, len(response))
+    return out
+
+
+def test_sft_response_losses_for_both_reductions() -> None:
+    sums, tokens = torch.tensor([-6.0, -2.0]), torch.tensor([3, 4])
+    torch.testing.assert_close(sft_response_losses(sums, tokens), torch.tensor([6.0, 2.0]))
+    torch.testing.assert_close(sft_response_losses(sums, tokens, "response"), torch.tensor([2.0, 0.5]))
+    with pytest.raises(ValueError, match="reduction"):
+        sft_response_losses(sums, tokens, "sequence")
+
+
+@pytest.mark.parametrize("reduction", ["token", "response"])
+def test_sft_objective_is_the_global_mean_over_all_responses(reduction: str) -> None:
+    groups = _mode_overlap_groups()
+    rows = _rows(groups, [[2, 6], [9]])
+    logits = torch.randn(2, ROW, VOCAB, generator=torch.Generator().manual_seed(0))
+    naive = _naive_nll(logits, rows, groups)
+    objective = SFTObjective(reduction)
+    batch = collate(rows, groups)
+    total = objective.count(batch)
+    out = objective(batch, logits.clone(), total)
+
+    if reduction == "token":
+        assert total == sum(n for _, n in naive.values())
+        expected = sum(nll for nll, _ in naive.values()) / total
+    else:
+        assert total == 6
+        expected = sum(nll / n for nll, n in naive.values()) / total
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert out.metrics["loss"].item() == pytest.approx(expected * total, rel=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["token", "response"])
+def test_sft_micro_batches_sum_to_the_whole_batch_loss_and_gradient(reduction: str) -> None:
+    groups = _mode_overlap_groups()
+    rows = _rows(groups, [[2, 6], [9]])
+    logits = torch.randn(2, ROW, VOCAB, generator=torch.Generator().manual_seed(1))
+    objective = SFTObjective(reduction)
+    total = objective.count(collate(rows, groups))
+
+    whole_leaf = logits.clone().requires_grad_(True)
+    whole = objective(collate(rows, groups), whole_leaf, total)
+    whole.loss.backward()
+    split_leaf = logits.clone().requires_grad_(True)
+    parts = [objective(collate([rows[i]], groups), split_leaf[i : i + 1], total) for i in range(2)]
+    sum(p.loss for p in parts).backward()
+
+    torch.testing.assert_close(sum(p.loss.detach() for p in parts), whole.loss.detach())
+    torch.testing.assert_close(split_leaf.grad, whole_leaf.grad)
+    assert sum(p.count for p in parts) == total
+    # Gradient only reaches positions that predict a response token.
+    assert (whole_leaf.grad.abs().sum(-1) > 0).equal(collate(rows, groups).loss_mask)
+
+
+def test_sft_first_only_trains_on_response_zero() -> None:
+    groups = _mode_overlap_groups()
+    rows = _rows(groups, [[2, 6], [9]])
+    logits = torch.randn(2, ROW, VOCAB, generator=torch.Generator().manual_seed(2))
+    naive = _naive_nll(logits, rows, groups)
+    objective = SFTObjective("token", first_only=True)
+    batch = collate(rows, groups)
+    total = objective.count(batch)
+    assert total == sum(n for (_, k), (_, n) in naive.items() if k == 0)
+    expected = sum(nll for (_, k), (nll, _) in naive.items() if k == 0) / total
+    assert objective(batch, logits.clone(), total).loss.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        SFTObjective("sequence")
