@@ -26,6 +26,7 @@ views plus the placements, never re-deriving the layout themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -187,14 +188,27 @@ def token_views(row: PackedRow) -> TokenViews:
     return TokenViews(doc_ids, segment_ids, response_slots, responses)
 
 
+def may_attend(q_pos: Any, kv_pos: Any, q_doc: Any, kv_doc: Any, q_seg: Any, kv_seg: Any) -> Any:
+    """The attention rule of :class:`TokenViews`, elementwise and array-agnostic.
+
+    Arguments are broadcastable numpy arrays, torch tensors or scalars (row positions and
+    ``doc_ids``/``segment_ids`` of the query and the key); returns a boolean array: True where
+    the query may attend to the key. Every mask in the project (numpy, torch dense,
+    FlexAttention ``mask_mod``) evaluates this one function.
+    """
+    same_doc = (q_doc == kv_doc) & (q_doc != PAD_DOC)
+    visible_seg = (kv_seg == PREFIX_SEGMENT) | (kv_seg == q_seg)
+    return ((kv_pos <= q_pos) & same_doc & visible_seg) | (kv_pos == q_pos)
+
+
 def dense_mask(doc_ids: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
     """The ``(L, L)`` boolean attention mask (True = may attend) implied by the views."""
-    q_doc, k_doc = doc_ids[:, None], doc_ids[None, :]
-    q_seg, k_seg = segment_ids[:, None], segment_ids[None, :]
     idx = np.arange(doc_ids.shape[0])
-    causal = idx[None, :] <= idx[:, None]
-    same_doc = (q_doc == k_doc) & (q_doc != PAD_DOC)
-    visible_seg = (k_seg == PREFIX_SEGMENT) | (k_seg == q_seg)
-    mask = causal & same_doc & visible_seg
-    mask[idx, idx] = True
-    return mask
+    return may_attend(
+        idx[:, None],
+        idx[None, :],
+        doc_ids[:, None],
+        doc_ids[None, :],
+        segment_ids[:, None],
+        segment_ids[None, :],
+    )
