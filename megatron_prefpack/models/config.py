@@ -1,0 +1,311 @@
+"""Model description (`ModelConfig`) and its translation to Megatron-Core's TransformerConfig.
+
+`ModelConfig` is a plain, readable dataclass: architecture only, no parallel layout. The parallel
+layout is given to :func:`to_transformer_config`, which produces a ``TransformerConfig`` (or an
+``MLATransformerConfig`` when ``mla`` is set) with the settings the prefix-shared path needs for
+exactness (dropless MoE, per-token routing, unfused RoPE) and that CPU/gloo runs need.
+Field names of the Megatron configs are the same in megatron-core 0.16.1 and 0.19.2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+POSITION_EMBEDDINGS = ("rope", "yarn", "learned")
+ROUTERS = ("softmax", "sigmoid_grouped")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts block.
+
+    ``router="softmax"``: softmax over experts, top-k. ``router="sigmoid_grouped"``
+    (DeepSeek-V3 / A.X K1): sigmoid scores, experts split into ``num_groups`` groups, the best
+    ``topk_groups`` groups per token are kept, top-k inside them. ``expert_bias`` enables
+    aux-loss-free load balancing (a per-expert bias added to the selection scores only).
+    Routing is per token and dropless (no capacity), which the exactness of packing relies on.
+    """
+
+    num_experts: int
+    top_k: int
+    expert_ffn_hidden_size: int
+    shared_expert_ffn_hidden_size: int | None = None
+    router: str = "softmax"
+    num_groups: int | None = None
+    topk_groups: int | None = None
+    expert_bias: bool = False
+    expert_bias_update_rate: float = 1e-3
+    routing_scaling_factor: float | None = None
+    aux_loss_coeff: float = 0.0
+    first_k_dense: int = 0
+    post_moe_norm: bool = False
+    """A.X K1: an extra RMSNorm on the MoE block's output (routed + shared), before the residual add."""
+
+    def validate(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"moe.router: {self.router!r} is not one of {ROUTERS}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"moe.top_k: {self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.router == "sigmoid_grouped":
+            if not self.num_groups or not self.topk_groups:
+                raise ValueError(
+                    "moe.num_groups and moe.topk_groups are required for router 'sigmoid_grouped'"
+                )
+            if self.num_experts % self.num_groups:
+                raise ValueError(
+                    f"moe.num_groups: {self.num_groups} does not divide num_experts={self.num_experts}"
+                )
+            if not 1 <= self.topk_groups <= self.num_groups:
+                raise ValueError(f"moe.topk_groups: {self.topk_groups} must be in [1, {self.num_groups}]")
+        if self.expert_bias and self.router != "sigmoid_grouped":
+            raise ValueError("moe.expert_bias: aux-loss-free expert bias needs router 'sigmoid_grouped'")
+        if self.first_k_dense < 0:
+            raise ValueError(f"moe.first_k_dense: {self.first_k_dense} must be >= 0")
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3, A.X K1). ``q_lora_rank=None``: no query compression."""
+
+    kv_lora_rank: int
+    qk_head_dim: int
+    qk_pos_emb_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+
+
+@dataclass
+class YarnConfig:
+    """YaRN RoPE scaling (used with MLA, as in DeepSeek-V3)."""
+
+    scaling_factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a GPT-style decoder (dense, MoE, MLA).
+
+    ``position_embedding``: ``"rope"`` (standard or MLA RoPE), ``"yarn"`` (MLA only) or
+    ``"learned"`` (absolute embeddings). RoPE always follows the batch's position ids
+    (see :mod:`megatron_prefpack.models.rope`). ``attention_backend`` names the
+    prefix-shared attention backend (see ``megatron_prefpack.attention``).
+    """
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    position_embedding: str = "rope"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    yarn: YarnConfig | None = None
+    norm_epsilon: float = 1e-6
+    swiglu: bool = True
+    tie_embeddings: bool = False
+    moe: MoEConfig | None = None
+    mla: MLAConfig | None = None
+    attention_backend: str = "auto"
+    params_dtype: str = "float32"
+    init_method_std: float = 0.02
+    name: str = field(default="custom", compare=False)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field."""
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"position_embedding: {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}"
+            )
+        if self.position_embedding == "yarn" and self.mla is None:
+            raise ValueError("position_embedding: 'yarn' is supported with MLA only (set mla)")
+        if self.position_embedding == "learned" and self.mla is not None:
+            raise ValueError("position_embedding: MLA needs 'rope' or 'yarn', not 'learned'")
+        if self.params_dtype not in DTYPES:
+            raise ValueError(f"params_dtype: {self.params_dtype!r} is not one of {DTYPES}")
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ValueError(
+                f"num_query_groups: {groups} does not divide num_attention_heads={self.num_attention_heads}"
+            )
+        if self.moe is not None:
+            self.moe.validate()
+            if self.moe.first_k_dense > self.num_layers:
+                raise ValueError(
+                    f"moe.first_k_dense: {self.moe.first_k_dense} > num_layers={self.num_layers}"
+                )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    def moe_layer_pattern(self) -> list[int]:
+        """Per layer 1 (MoE) or 0 (dense), as Megatron's ``moe_layer_freq`` list."""
+        if self.moe is None:
+            return [0] * self.num_layers
+        return [0 if i < self.moe.first_k_dense else 1 for i in range(self.num_layers)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "model") -> ModelConfig:
+        """Build from a plain mapping (e.g. a YAML section). Unknown keys raise, naming ``where.key``."""
+        nested = {"moe": MoEConfig, "mla": MLAConfig, "yarn": YarnConfig}
+        kwargs = _checked_kwargs(cls, data, where)
+        for key, sub in nested.items():
+            if isinstance(kwargs.get(key), dict):
+                kwargs[key] = sub(**_checked_kwargs(sub, kwargs[key], f"{where}.{key}"))
+        cfg = cls(**kwargs)
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            raise ValueError(f"{where}.{exc}") from None
+        return cfg
+
+
+def _checked_kwargs(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = sorted(required - set(data))
+    if missing:
+        raise ValueError(f"{where}.{missing[0]}: required field missing")
+    return dict(data)
+
+
+def torch_dtype(name: str):
+    """``"bfloat16"`` -> ``torch.bfloat16`` etc."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def to_transformer_config(
+    cfg: ModelConfig,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    context_parallel: int = 1,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int | None = 1,
+    sequence_parallel: bool | None = None,
+    virtual_pipeline_parallel: int | None = None,
+    **overrides: Any,
+):
+    """The Megatron-Core config for ``cfg`` under the given parallel layout.
+
+    ``sequence_parallel`` defaults to ``tensor_parallel > 1`` (MoE with TP requires it).
+    ``overrides`` are passed to the config constructor last (e.g. recompute settings).
+    Returns ``MLATransformerConfig`` when ``cfg.mla`` is set, else ``TransformerConfig``.
+    """
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+    cfg.validate()
+    dtype = torch_dtype(cfg.params_dtype)
+    on_gpu = torch.cuda.is_available()
+    if sequence_parallel is None:
+        sequence_parallel = tensor_parallel > 1
+    kwargs: dict[str, Any] = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        add_bias_linear=False,
+        gated_linear_unit=cfg.swiglu,
+        activation_func=F.silu if cfg.swiglu else F.gelu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+        context_parallel_size=context_parallel,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
+        sequence_parallel=sequence_parallel,
+        # RoPE is applied from per-token position ids; the fused kernels take positions 0..S-1 only.
+        apply_rope_fusion=False,
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=on_gpu and cfg.swiglu,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        persist_layer_norm=False,
+        # gloo point-to-point cannot batch isend/irecv; harmless on NCCL.
+        batch_p2p_comm=on_gpu,
+    )
+    if cfg.moe is not None:
+        moe = cfg.moe
+        kwargs.update(
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.top_k,
+            moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+            moe_layer_freq=cfg.moe_layer_pattern(),
+            moe_router_score_function="sigmoid" if moe.router == "sigmoid_grouped" else "softmax",
+            moe_router_num_groups=moe.num_groups if moe.router == "sigmoid_grouped" else None,
+            moe_router_group_topk=moe.topk_groups if moe.router == "sigmoid_grouped" else None,
+            moe_router_enable_expert_bias=moe.expert_bias,
+            moe_router_bias_update_rate=moe.expert_bias_update_rate,
+            moe_router_topk_scaling_factor=moe.routing_scaling_factor,
+            moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+            moe_aux_loss_coeff=moe.aux_loss_coeff,
+            moe_router_dtype="fp32",
+            # Dropless: a token's experts never depend on the rest of the batch.
+            moe_expert_capacity_factor=None,
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=False,
+            moe_permute_fusion=False,
+        )
+    if cfg.mla is None:
+        return TransformerConfig(**{**kwargs, **overrides})
+    mla = cfg.mla
+    yarn = cfg.yarn or YarnConfig()
+    kwargs.update(
+        multi_latent_attention=True,
+        q_lora_rank=mla.q_lora_rank,
+        kv_lora_rank=mla.kv_lora_rank,
+        qk_head_dim=mla.qk_head_dim,
+        qk_pos_emb_head_dim=mla.qk_pos_emb_head_dim,
+        v_head_dim=mla.v_head_dim,
+        qk_layernorm=True,
+        rope_type="yarn" if cfg.position_embedding == "yarn" else "rope",
+        rotary_base=cfg.rotary_base,
+        rotary_percent=cfg.rotary_percent,
+        rotary_scaling_factor=yarn.scaling_factor,
+        original_max_position_embeddings=yarn.original_max_position_embeddings,
+        beta_fast=yarn.beta_fast,
+        beta_slow=yarn.beta_slow,
+        mscale=yarn.mscale,
+        mscale_all_dim=yarn.mscale_all_dim,
+    )
+    return MLATransformerConfig(**{**kwargs, **overrides})

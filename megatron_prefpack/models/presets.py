@@ -1,0 +1,178 @@
+"""Named model shapes, from test-sized models to A.X K1.
+
+``tiny-*`` presets are for CPU tests (fp32, a few thousand parameters); ``demo-moe`` is the CPU
+demo model (a few M parameters); ``ax-k1`` and ``deepseek-v3`` are the real shapes (bf16).
+Multi-token prediction (one MTP layer in both real models) is not built by this project.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from megatron_prefpack.models.config import MLAConfig, ModelConfig, MoEConfig, YarnConfig
+
+
+def _tiny_dense() -> ModelConfig:
+    return ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=96,
+        max_position_embeddings=128,
+    )
+
+
+def _tiny_moe() -> ModelConfig:
+    return ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=96,
+        max_position_embeddings=128,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=32, aux_loss_coeff=1e-2),
+    )
+
+
+def _tiny_mla_moe() -> ModelConfig:
+    """A.X K1 in miniature: dense first layer, MLA with YaRN, shared expert, sigmoid grouped
+    routing with expert bias and scaling, post-MoE RMSNorm."""
+    return ModelConfig(
+        num_layers=3,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=96,
+        max_position_embeddings=128,
+        position_embedding="yarn",
+        yarn=YarnConfig(
+            scaling_factor=4.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0
+        ),
+        mla=MLAConfig(q_lora_rank=16, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=8, v_head_dim=8),
+        moe=MoEConfig(
+            num_experts=8,
+            top_k=2,
+            expert_ffn_hidden_size=16,
+            shared_expert_ffn_hidden_size=16,
+            router="sigmoid_grouped",
+            num_groups=4,
+            topk_groups=2,
+            expert_bias=True,
+            routing_scaling_factor=2.5,
+            first_k_dense=1,
+            post_moe_norm=True,
+        ),
+    )
+
+
+def _demo_moe() -> ModelConfig:
+    return ModelConfig(
+        num_layers=4,
+        hidden_size=128,
+        ffn_hidden_size=384,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=8192,
+        max_position_embeddings=1024,
+        moe=MoEConfig(
+            num_experts=8,
+            top_k=2,
+            expert_ffn_hidden_size=128,
+            shared_expert_ffn_hidden_size=128,
+            aux_loss_coeff=1e-3,
+            first_k_dense=1,
+        ),
+    )
+
+
+def _ax_k1() -> ModelConfig:
+    """A.X K1 (arXiv 2601.09200): 519B total / ~33B active.
+
+    The RoPE scaling values are not given in the design card; this preset assumes DeepSeek-V3's
+    YaRN settings. Check them against the released checkpoint's config before converting weights.
+    """
+    return ModelConfig(
+        num_layers=61,
+        hidden_size=7168,
+        ffn_hidden_size=18432,
+        num_attention_heads=64,
+        vocab_size=163840,
+        max_position_embeddings=131072,
+        position_embedding="yarn",
+        yarn=YarnConfig(
+            scaling_factor=40.0, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0
+        ),
+        mla=MLAConfig(
+            q_lora_rank=1536, kv_lora_rank=512, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128
+        ),
+        moe=MoEConfig(
+            num_experts=192,
+            top_k=8,
+            expert_ffn_hidden_size=2048,
+            shared_expert_ffn_hidden_size=2048,
+            router="sigmoid_grouped",
+            num_groups=8,
+            topk_groups=4,
+            expert_bias=True,
+            routing_scaling_factor=2.5,
+            first_k_dense=1,
+            post_moe_norm=True,
+        ),
+        params_dtype="bfloat16",
+        init_method_std=0.006,
+    )
+
+
+def _deepseek_v3() -> ModelConfig:
+    return ModelConfig(
+        num_layers=61,
+        hidden_size=7168,
+        ffn_hidden_size=18432,
+        num_attention_heads=128,
+        vocab_size=129280,
+        max_position_embeddings=163840,
+        position_embedding="yarn",
+        yarn=YarnConfig(
+            scaling_factor=40.0, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0
+        ),
+        mla=MLAConfig(
+            q_lora_rank=1536, kv_lora_rank=512, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128
+        ),
+        moe=MoEConfig(
+            num_experts=256,
+            top_k=8,
+            expert_ffn_hidden_size=2048,
+            shared_expert_ffn_hidden_size=2048,
+            router="sigmoid_grouped",
+            num_groups=8,
+            topk_groups=4,
+            expert_bias=True,
+            routing_scaling_factor=2.5,
+            first_k_dense=3,
+        ),
+        params_dtype="bfloat16",
+        init_method_std=0.006,
+    )
+
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "tiny-dense": _tiny_dense,
+    "tiny-moe": _tiny_moe,
+    "tiny-mla-moe": _tiny_mla_moe,
+    "demo-moe": _demo_moe,
+    "ax-k1": _ax_k1,
+    "deepseek-v3": _deepseek_v3,
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh copy of the named preset (callers may modify it)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    cfg.name = name
+    cfg.validate()
+    return cfg
