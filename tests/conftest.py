@@ -1,0 +1,33 @@
+"""Shared pytest fixtures. Keep this file small: nothing here runs unless a test asks for it.
+
+- ``megatron_single_process``: Megatron's parallel state for one process (world size 1, gloo on
+  CPU, every parallel size 1, seed 1234), torn down after the test. On CPU it also applies
+  ``enable_cpu_megatron()``, whose patches stay for the rest of the pytest process.
+- Multi-process tests use ``tests.distributed.run_distributed`` instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# ``from tests.distributed import ...`` must work however pytest was started (rank processes
+# re-import test modules with this path too).
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+
+@pytest.fixture
+def megatron_single_process() -> Iterator[None]:
+    """Initialize ``megatron.core.parallel_state`` for this process alone; destroy it afterwards."""
+    from megatron_prefpack.platform import distributed as dist_platform
+
+    dist_platform.initialize()
+    try:
+        yield
+    finally:
+        dist_platform.destroy()
