@@ -8,6 +8,7 @@ Multi-token prediction (one MTP layer in both real models) is not built by this 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from megatron_prefpack.models.config import MLAConfig, ModelConfig, MoEConfig, YarnConfig
 
@@ -127,34 +128,14 @@ def _ax_k1() -> ModelConfig:
 
 
 def _deepseek_v3() -> ModelConfig:
-    return ModelConfig(
-        num_layers=61,
-        hidden_size=7168,
-        ffn_hidden_size=18432,
+    """DeepSeek-V3 (671B): A.X K1's layout with 128 heads, 256 experts, 3 dense layers, no post-MoE norm."""
+    ax_k1 = _ax_k1()
+    return replace(
+        ax_k1,
         num_attention_heads=128,
         vocab_size=129280,
         max_position_embeddings=163840,
-        position_embedding="yarn",
-        yarn=YarnConfig(
-            scaling_factor=40.0, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0
-        ),
-        mla=MLAConfig(
-            q_lora_rank=1536, kv_lora_rank=512, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128
-        ),
-        moe=MoEConfig(
-            num_experts=256,
-            top_k=8,
-            expert_ffn_hidden_size=2048,
-            shared_expert_ffn_hidden_size=2048,
-            router="sigmoid_grouped",
-            num_groups=8,
-            topk_groups=4,
-            expert_bias=True,
-            routing_scaling_factor=2.5,
-            first_k_dense=3,
-        ),
-        params_dtype="bfloat16",
-        init_method_std=0.006,
+        moe=replace(ax_k1.moe, num_experts=256, first_k_dense=3, post_moe_norm=False),
     )
 
 
