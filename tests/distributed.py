@@ -39,6 +39,7 @@ import multiprocessing.forkserver
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -120,6 +121,9 @@ def _child(
     torch's shared-memory reducers (which break once the sending process has exited).
     """
     try:
+        # Own process group, so _kill also reaches what the rank started (checkpoint writers,
+        # Megatron's multiprocessing Manager), which would otherwise outlive the test run.
+        os.setpgrp()
         os.environ.update(env)
         import torch
 
@@ -132,10 +136,14 @@ def _child(
         raise SystemExit(1) from None
 
 
-def _kill(processes: list[mp.process.BaseProcess]) -> None:
+def _kill(processes: list[mp.process.BaseProcess], grace: float) -> None:
+    """Give ranks ``grace`` seconds to exit, then kill each rank's whole process group."""
+    deadline = time.monotonic() + grace
     for proc in processes:
-        if proc.is_alive():
-            proc.kill()
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in processes:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
     for proc in processes:
         proc.join(timeout=10)
 
@@ -161,15 +169,18 @@ def run_distributed(
         "OMP_NUM_THREADS": "1",
     }
     processes: list[mp.process.BaseProcess] = []
+    grace = 0.0
     try:
         for rank in range(world_size):
             env = {**base_env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
             proc = ctx.Process(target=_child, args=(fn, rank, env, args, kwargs, results), name=f"rank{rank}")
             proc.start()
             processes.append(proc)
-        return _collect(processes, results, world_size, timeout)
+        values = _collect(processes, results, world_size, timeout)
+        grace = 30.0  # every rank reported: let them run their exit handlers
+        return values
     finally:
-        _kill(processes)
+        _kill(processes, grace)
         results.close()
 
 
