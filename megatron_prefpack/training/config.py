@@ -1,0 +1,542 @@
+"""The training config: one YAML file, nested dataclasses behind it, command-line overrides.
+
+A config file has one mapping per section (``run``, ``data``, ``model``, ``parallel``,
+``optimizer``, ``objective``, ``reference``, ``checkpoint``); every key is optional except
+``data.path``. Overrides use dotted keys, ``--set optimizer.lr=1e-4`` or positional
+``optimizer.lr=1e-4``, and are parsed with the field's type (``null`` means None).
+
+The ``model`` section names a preset and/or any :class:`~megatron_prefpack.models.ModelConfig`
+field (``model.preset: tiny-moe`` plus ``model.num_layers: 4`` = the preset with 4 layers).
+
+Every error is a :class:`ConfigError` naming the config file, the line where known and the
+dotted key, e.g. ``demo.yaml:12: optimizer.lrr: unknown key (did you mean 'lr'?)``.
+:func:`check_parallel_layout` checks the parallel layout against the world size and model
+once both are known (at start-up of ``prefpack train``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from megatron_prefpack.losses.dpo import DPOConfig
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the file, line (when known) and dotted key."""
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go and how long to train."""
+
+    dir: str = "runs/default"
+    """Run directory: ``metrics.jsonl``, TensorBoard events, default checkpoint dir."""
+    train_steps: int = 100
+    log_interval: int = 1
+    eval_interval: int = 0
+    """Evaluate on the held-out split every N steps (0: only before and after training)."""
+    eval_batches: int = 0
+    """Global batches per evaluation (0: the whole held-out split)."""
+    seed: int = 1234
+    tensorboard: bool = True
+    """Write TensorBoard events when ``tensorboard`` is installed."""
+
+
+@dataclass
+class DataConfig:
+    """The preprocessed dataset and how it becomes rows. Batch sizes count rows."""
+
+    path: str = ""
+    """Preprocessed group dataset directory (``prefpack preprocess --output``)."""
+    eval_fraction: float = 0.0
+    """Held-out fraction; a group is held out by a hash of its group id (deterministic)."""
+    seq_len: int = 1024
+    layout: Literal["prefpack", "duplicated", "unpacked"] = "prefpack"
+    sort_by_length: bool = False
+    """Sort groups by length inside each packing window (fewer pad tokens, less shuffled)."""
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    skip_too_long: bool = False
+    """Drop (and count) groups longer than a row instead of failing."""
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout; data parallelism is what is left of the world size."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int | None = None
+    context: int = 1
+    expert: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam with decoupled weight decay and a warmup + decay schedule (steps = optimizer steps)."""
+
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+    decay_steps: int | None = None
+    """Steps over which lr decays to ``min_lr`` (None: ``run.train_steps``)."""
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+
+@dataclass
+class RMOptions:
+    """Reward-model options (see :mod:`megatron_prefpack.losses.reward`)."""
+
+    center_coefficient: float = 0.0
+    """Weight of the ``(r_i + r_j)^2`` reward-centering term."""
+    head_init_std: float | None = None
+    """Init std of the reward head (None: ``1/sqrt(hidden + 1)``)."""
+
+
+@dataclass
+class SFTOptions:
+    """Multi-response SFT options (see :mod:`megatron_prefpack.losses.sft`)."""
+
+    reduction: Literal["token", "response"] = "token"
+    responses: Literal["all", "first"] = "all"
+    """``first``: train on each group's first response only (the chosen one of a pair)."""
+
+
+@dataclass
+class ObjectiveConfig:
+    type: Literal["dpo", "rm", "sft"] = "dpo"
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    rm: RMOptions = field(default_factory=RMOptions)
+    sft: SFTOptions = field(default_factory=SFTOptions)
+
+
+@dataclass
+class ReferenceConfig:
+    """Reference log-probs for DPO: precomputed (``offline``) or a frozen model in the job."""
+
+    mode: Literal["none", "offline", "online"] = "none"
+    path: str | None = None
+    """Offline: the ``prefpack ref-logprobs --output`` file."""
+    load: str | None = None
+    """Online: checkpoint of the reference model (None: the policy's starting weights)."""
+
+
+@dataclass
+class CheckpointConfig:
+    load: str | None = None
+    """Checkpoint directory (a ``latest`` pointer or an iteration dir) to start from."""
+    load_optimizer: bool = True
+    """False: take weights only and start a fresh run (step 0, new optimizer), e.g. SFT -> DPO."""
+    save: str | None = None
+    """Where to save (None: ``<run.dir>/checkpoints``)."""
+    interval: int = 0
+    """Save every N steps (0: only at the end and on SIGTERM)."""
+    keep: int = 2
+    """Keep the newest N checkpoints (0: keep all)."""
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=dict)
+    """A preset name (`preset: tiny-moe`) and/or `ModelConfig` fields, see :func:`model_config`."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    source: str = "<defaults>"
+    """The config file this was loaded from (for error messages); not a config key."""
+    lines: dict[str, int] = field(default_factory=dict, repr=False)
+    """Dotted key -> line in ``source``; not a config key."""
+
+    @property
+    def save_dir(self) -> Path:
+        return Path(self.checkpoint.save or Path(self.run.dir) / "checkpoints")
+
+
+_NOT_KEYS = {"source", "lines"}
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _where(source: str, lines: dict[str, int], key: str) -> str:
+    line = lines.get(key)
+    return f"{source}:{line}: {key}" if line else f"{source}: {key}"
+
+
+def _yaml_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in the YAML file."""
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            out[key] = key_node.start_mark.line + 1
+            out.update(_yaml_lines(value_node, key + "."))
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML or command-line ``value`` to the field type ``tp``.
+
+    Strings are parsed as YAML scalars first (so ``--set a.b=3`` gives an int). Ints are
+    accepted for floats; nothing else is converted silently."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (dict, list, tuple) or tp in (dict, list, tuple):
+        container = origin or tp
+        if not isinstance(value, container):
+            raise ConfigError(f"{where}: expected a {container.__name__}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def _unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
+    return ConfigError(f"{where}: unknown key{hint}")
+
+
+def _dataclass_type(tp: Any) -> type | None:
+    """The dataclass in ``tp`` (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return inner[0] if inner else None
+    return None
+
+
+def _checked(cls: type, mapping: Any, prefix: str, source: str, lines: dict[str, int]) -> dict[str, Any]:
+    """Type-check ``mapping`` against the fields of dataclass ``cls``; nested dataclass fields
+    given as mappings are checked recursively (and stay mappings). Returns the coerced mapping."""
+    if not isinstance(mapping, dict):
+        where = _where(source, lines, prefix.rstrip(".")) if prefix else source
+        raise ConfigError(f"{where}: expected a mapping of keys, got {mapping!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.name not in _NOT_KEYS]
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        where = _where(source, lines, dotted)
+        if key not in known:
+            raise _unknown_key(where, str(key), known)
+        nested = _dataclass_type(hints[key])
+        if nested is not None and isinstance(value, dict):
+            out[key] = _checked(nested, value, dotted + ".", source, lines)
+        elif nested is not None and value is not None:
+            raise ConfigError(f"{where}: expected a mapping of {nested.__name__} fields, got {value!r}")
+        elif nested is None and key == "model" and cls is TrainConfig:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a mapping of model fields, got {value!r}")
+            out[key] = value
+        else:
+            out[key] = coerce(value, hints[key], where)
+    return out
+
+
+def _merged(obj: Any, values: dict[str, Any], prefix: str, source: str, lines: dict[str, int]) -> Any:
+    """A copy of dataclass ``obj`` with checked ``values`` applied (frozen dataclasses too);
+    a ``ValueError`` from the dataclass's own validation names the section."""
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        current = getattr(obj, key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            changes[key] = _merged(current, value, f"{prefix}{key}.", source, lines)
+        elif isinstance(value, dict) and isinstance(current, dict):
+            changes[key] = {**current, **value}
+        else:
+            changes[key] = value
+    try:
+        return dataclasses.replace(obj, **changes)
+    except ValueError as err:
+        section = prefix.rstrip(".")
+        raise ConfigError(f"{_where(source, lines, section)}: {err}") from None
+
+
+def _apply(cfg: TrainConfig, mapping: Any, source: str, lines: dict[str, int]) -> TrainConfig:
+    return _merged(cfg, _checked(TrainConfig, mapping, "", source, lines), "", source, lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_override(cfg: TrainConfig, override: str) -> TrainConfig:
+    """Apply one ``a.b=value`` override (value parsed as a YAML scalar, then type-checked)."""
+    key, sep, text = override.partition("=")
+    where = f"override {override!r}"
+    if not sep or not key:
+        raise ConfigError(f"{where}: expected KEY=VALUE with a dotted key, e.g. optimizer.lr=1e-4")
+    parts = key.strip().split(".")
+    nested: Any = _parse_scalar(text)
+    for part in reversed(parts):
+        nested = {part: nested}
+    if parts[0] == "model" and len(parts) > 2:  # model.moe.top_k: merge into the nested mapping
+        nested = {"model": _deep_merge(cfg.model, nested["model"])}
+    return _apply(cfg, nested, where, {})
+
+
+def load_config(
+    path: str | Path | None, overrides: Sequence[str] = (), check_reference: bool = True
+) -> TrainConfig:
+    """Read ``path`` (YAML; None = defaults only), apply ``overrides``, check the result.
+
+    ``check_reference=False`` skips the ``reference`` section's checks (``prefpack
+    ref-logprobs`` writes the file that section names). Raises :class:`ConfigError`."""
+    cfg = TrainConfig()
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{source}: cannot read config file ({err.strerror})") from err
+        try:
+            data = yaml.safe_load(text)
+            lines = _yaml_lines(yaml.compose(text)) if data else {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML: {err}") from err
+        cfg = dataclasses.replace(cfg, source=source, lines=lines)
+        if data is not None:
+            cfg = _apply(cfg, data, source, lines)
+    for override in overrides:
+        cfg = apply_override(cfg, override)
+    check_config(cfg, check_reference)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _fail(cfg: TrainConfig, key: str, message: str) -> ConfigError:
+    return ConfigError(f"{_where(cfg.source, cfg.lines, key)}: {message}")
+
+
+def check_config(cfg: TrainConfig, check_reference: bool = True) -> None:
+    """Checks that need no world size: values in range, files present, model resolvable."""
+    positive = {
+        "run.train_steps": cfg.run.train_steps,
+        "run.log_interval": cfg.run.log_interval,
+        "data.seq_len": cfg.data.seq_len,
+        "data.micro_batch_size": cfg.data.micro_batch_size,
+        "data.global_batch_size": cfg.data.global_batch_size,
+        "parallel.tensor": cfg.parallel.tensor,
+        "parallel.pipeline": cfg.parallel.pipeline,
+        "parallel.context": cfg.parallel.context,
+        "parallel.expert": cfg.parallel.expert,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise _fail(cfg, key, f"must be >= 1, got {value}")
+    for key, value in {
+        "run.eval_interval": cfg.run.eval_interval,
+        "run.eval_batches": cfg.run.eval_batches,
+        "checkpoint.interval": cfg.checkpoint.interval,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "optimizer.warmup_steps": cfg.optimizer.warmup_steps,
+    }.items():
+        if value < 0:
+            raise _fail(cfg, key, f"must be >= 0, got {value}")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise _fail(cfg, "data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
+    if cfg.optimizer.lr <= 0 or not 0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr:
+        raise _fail(cfg, "optimizer.min_lr", "need 0 <= min_lr <= lr and lr > 0")
+    if cfg.data.global_batch_size % cfg.data.micro_batch_size:
+        raise _fail(
+            cfg,
+            "data.global_batch_size",
+            f"{cfg.data.global_batch_size} is not a multiple of data.micro_batch_size "
+            f"{cfg.data.micro_batch_size}",
+        )
+    if not cfg.data.path:
+        raise _fail(cfg, "data.path", "required: the preprocessed dataset directory")
+    if not Path(cfg.data.path).is_dir():
+        raise _fail(cfg, "data.path", f"no such dataset directory: {cfg.data.path}")
+    if cfg.checkpoint.load is not None and not Path(cfg.checkpoint.load).exists():
+        raise _fail(cfg, "checkpoint.load", f"no such checkpoint: {cfg.checkpoint.load}")
+    if check_reference:
+        _check_reference(cfg)
+    model_config(cfg)
+
+
+def _check_reference(cfg: TrainConfig) -> None:
+    ref = cfg.reference
+    needs_reference = cfg.objective.type == "dpo" and cfg.objective.dpo.needs_reference
+    if needs_reference and ref.mode == "none":
+        raise _fail(cfg, "reference.mode", "DPO needs reference log-probs: 'offline' or 'online'")
+    if ref.mode == "offline":
+        if ref.path is None:
+            raise _fail(cfg, "reference.path", "offline reference needs the ref-logprobs file")
+        if not Path(ref.path).exists():
+            raise _fail(cfg, "reference.path", f"no such file: {ref.path}")
+    if ref.load is not None and not Path(ref.load).exists():
+        raise _fail(cfg, "reference.load", f"no such checkpoint: {ref.load}")
+
+
+def model_config(cfg: TrainConfig) -> Any:
+    """Resolve ``cfg.model`` (a preset and/or ``ModelConfig`` fields) into a ``ModelConfig``.
+
+    Fields given next to ``preset`` override the preset's (nested sections merge key by key)."""
+    from megatron_prefpack.models import presets
+    from megatron_prefpack.models.config import ModelConfig
+
+    section = dict(cfg.model)
+    preset = section.pop("preset", None)
+    base: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in presets.PRESETS:
+            close = difflib.get_close_matches(str(preset), list(presets.PRESETS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise _fail(
+                cfg, "model.preset", f"unknown preset {preset!r}{hint}; known: {', '.join(presets.PRESETS)}"
+            )
+        base = dataclasses.asdict(presets.preset(preset))
+    checked = _checked(ModelConfig, section, "model.", cfg.source, cfg.lines)
+    try:
+        return ModelConfig.from_dict(_deep_merge(base, checked), where="model")
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{cfg.source}: {err}") from None
+
+
+def check_parallel_layout(cfg: TrainConfig, world_size: int, model: Any) -> int:
+    """Check the parallel layout against ``world_size`` and the resolved ``model`` config.
+
+    Returns the data-parallel size. Raises :class:`ConfigError` naming the key."""
+    par = cfg.parallel
+    model_parallel = par.tensor * par.pipeline * par.context
+    if world_size % model_parallel:
+        raise _fail(
+            cfg,
+            "parallel",
+            f"tensor*pipeline*context = {par.tensor}*{par.pipeline}*{par.context} = {model_parallel} "
+            f"does not divide the world size {world_size}",
+        )
+    dp = world_size // model_parallel
+    # Expert tensor parallelism equals TP, so experts are spread over the data x context ranks.
+    if (dp * par.context) % par.expert:
+        raise _fail(
+            cfg,
+            "parallel.expert",
+            f"{par.expert} does not divide data*context = {dp * par.context} ranks (world {world_size})",
+        )
+    heads = model.num_attention_heads
+    if heads % par.tensor:
+        raise _fail(cfg, "parallel.tensor", f"{par.tensor} does not divide the {heads} attention heads")
+    groups = getattr(model, "num_query_groups", None)
+    if groups and groups % par.tensor:
+        raise _fail(cfg, "parallel.tensor", f"{par.tensor} does not divide the {groups} query groups")
+    experts = model.moe.num_experts if model.moe is not None else None
+    if par.expert > 1 and not experts:
+        raise _fail(cfg, "parallel.expert", f"expert parallel {par.expert} needs an MoE model")
+    if experts and experts % par.expert:
+        raise _fail(cfg, "parallel.expert", f"{par.expert} does not divide the {experts} experts")
+    stages = par.pipeline * (par.virtual_pipeline or 1)
+    if model.num_layers % stages:
+        raise _fail(
+            cfg,
+            "parallel.pipeline",
+            f"pipeline*virtual_pipeline = {stages} does not divide the {model.num_layers} layers",
+        )
+    if par.virtual_pipeline is not None and par.pipeline < 2:
+        raise _fail(cfg, "parallel.virtual_pipeline", "needs parallel.pipeline >= 2")
+    if experts and par.tensor > 1 and not par.sequence_parallel:
+        raise _fail(
+            cfg, "parallel.sequence_parallel", "MoE with tensor parallel needs sequence_parallel: true"
+        )
+    if par.sequence_parallel and par.tensor == 1:
+        raise _fail(cfg, "parallel.sequence_parallel", "needs parallel.tensor > 1")
+    shards = (par.tensor if par.sequence_parallel else 1) * (2 * par.context if par.context > 1 else 1)
+    if cfg.data.seq_len % shards:
+        raise _fail(
+            cfg, "data.seq_len", f"{cfg.data.seq_len} is not divisible by {shards} (sequence/context shards)"
+        )
+    if cfg.data.global_batch_size % (cfg.data.micro_batch_size * dp):
+        raise _fail(
+            cfg,
+            "data.global_batch_size",
+            f"{cfg.data.global_batch_size} is not a multiple of micro_batch_size*data_parallel = "
+            f"{cfg.data.micro_batch_size}*{dp}",
+        )
+    return dp
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (written into the run dir and checkpoints)."""
+    data = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_KEYS}
+    plain = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in data.items()}
+    return yaml.safe_dump(plain, sort_keys=False)

@@ -1,0 +1,135 @@
+"""Models, DDP, optimizer and LR schedule for ``prefpack train`` / ``prefpack ref-logprobs``.
+
+Everything here is Megatron-Core's own machinery: ``GPTModel`` chunks (one per virtual
+pipeline stage) from :func:`megatron_prefpack.models.build_model`, ``Float16Module`` for
+bf16/fp16, Megatron ``DistributedDataParallel``, ``get_megatron_optimizer`` (the distributed
+optimizer when configured) and ``OptimizerParamScheduler``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+
+from megatron_prefpack.models.builder import build_model
+from megatron_prefpack.models.config import ModelConfig
+from megatron_prefpack.training.config import TrainConfig
+
+
+def transformer_config(cfg: TrainConfig, model_cfg: ModelConfig) -> Any:
+    """Megatron's TransformerConfig for ``model_cfg`` under ``cfg.parallel`` (expert TP = TP)."""
+    from megatron_prefpack.models.config import to_transformer_config
+
+    par = cfg.parallel
+    return to_transformer_config(
+        model_cfg,
+        tensor_parallel=par.tensor,
+        pipeline_parallel=par.pipeline,
+        context_parallel=par.context,
+        expert_parallel=par.expert,
+        expert_tensor_parallel=par.tensor,
+        sequence_parallel=par.sequence_parallel,
+        virtual_pipeline_parallel=par.virtual_pipeline,
+    )
+
+
+def build_chunks(
+    model_cfg: ModelConfig,
+    transformer_config: Any,
+    reward_head: bool = False,
+    head_init_std: float | None = None,
+) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), unwrapped.
+
+    ``reward_head`` attaches a :class:`~megatron_prefpack.losses.reward.RewardHead` (attach
+    before loading a reward-model checkpoint, after loading a language-model one)."""
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    stages = [None] if vpp is None or vpp == 1 else list(range(vpp))
+    chunks = [build_model(model_cfg, transformer_config, vp_stage=stage) for stage in stages]
+    if reward_head:
+        attach_reward_heads(chunks, head_init_std)
+    return chunks
+
+
+def attach_reward_heads(chunks: list[torch.nn.Module], init_std: float | None) -> None:
+    from megatron_prefpack.losses.reward import attach_reward_head
+
+    for chunk in chunks:
+        attach_reward_head(chunk, init_std=init_std)
+
+
+def wrap_for_training(
+    chunks: list[torch.nn.Module], transformer_config: Any, distributed_optimizer: bool
+) -> list[torch.nn.Module]:
+    """``Float16Module`` (bf16/fp16) + Megatron DDP around every chunk, and the config hooks
+    the pipeline schedules call (``no_sync_func``, ``finalize_model_grads_func``)."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.transformer.module import Float16Module
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        if transformer_config.bf16 or transformer_config.fp16:
+            chunk = Float16Module(transformer_config, chunk)
+        # Only the first chunk buckets its gradients, as Megatron-LM does for virtual pipelines.
+        wrapped.append(
+            DistributedDataParallel(transformer_config, ddp_config, chunk, disable_bucketing=i > 0)
+        )
+    no_sync = [c.no_sync for c in wrapped]
+    transformer_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    transformer_config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def build_optimizer(
+    cfg: TrainConfig, chunks: list[torch.nn.Module], transformer_config: Any
+) -> tuple[Any, Any]:
+    """Megatron's Adam (distributed when configured) and its ``OptimizerParamScheduler``."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt = cfg.optimizer
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=opt.lr,
+            min_lr=opt.min_lr,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.adam_beta1,
+            adam_beta2=opt.adam_beta2,
+            adam_eps=opt.adam_eps,
+            clip_grad=opt.clip_grad,
+            bf16=transformer_config.bf16,
+            fp16=transformer_config.fp16,
+            params_dtype=transformer_config.params_dtype,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        ),
+        chunks,
+    )
+    transformer_config.grad_scale_func = optimizer.scale_loss
+    decay_steps = max(opt.decay_steps or cfg.run.train_steps, opt.warmup_steps + 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if opt.warmup_steps else opt.lr,
+        max_lr=opt.lr,
+        min_lr=opt.min_lr,
+        lr_warmup_steps=opt.warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=opt.decay_style,
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler

@@ -1,0 +1,240 @@
+"""Reference-model log-probs: ``prefpack ref-logprobs`` (offline) and the in-job frozen model.
+
+File format (offline): ``PATH`` is a ``.npy`` float64 array of shape ``(G, K)``, row ``g`` =
+group id ``g`` of the dataset, column ``k`` = response index; entry = the reference model's
+log-prob sum of that response given its prompt (NaN: response absent). Beside it,
+``PATH.json`` records the dataset, the model config and the checkpoint used. Keyed by
+``(group_id, response_index)``, it serves any packing layout, micro-batch size or resume.
+
+Online: a frozen copy of the reference model runs a forward-only pipeline pass over the
+step's micro-batches before the policy's step; the last pipeline stage keeps the sums in a
+:class:`ReferenceLogps` for that step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_prefpack.data.batch import RowBatch
+
+FORMAT = "prefpack-ref-logprobs/1"
+
+
+class ReferenceLogps:
+    """A ``(G, K)`` float64 table of reference log-prob sums (NaN = unknown); call it with a
+    batch to get the ``(N,)`` float32 sums of the batch's responses."""
+
+    def __init__(self, table: np.ndarray, source: str = "<in memory>") -> None:
+        self.table = table
+        self.source = source
+
+    @classmethod
+    def load(cls, path: str | Path, num_groups: int | None = None) -> ReferenceLogps:
+        """Read ``path``; with ``num_groups``, check that it covers that many groups."""
+        table = np.load(path, mmap_mode="r")
+        if table.ndim != 2 or table.dtype != np.float64:
+            raise ValueError(
+                f"{path}: expected a (groups, responses) float64 array, got {table.dtype} {table.shape}"
+            )
+        if num_groups is not None and table.shape[0] != num_groups:
+            raise ValueError(f"{path}: has {table.shape[0]} groups, the dataset has {num_groups}")
+        return cls(table, str(path))
+
+    def __call__(self, batch: RowBatch) -> torch.Tensor:
+        gids = batch.response_group_ids.cpu().numpy()
+        ks = batch.response_indices.cpu().numpy()
+        if ks.size and int(ks.max()) >= self.table.shape[1]:
+            raise ValueError(
+                f"{self.source}: response index {int(ks.max())} beyond {self.table.shape[1]} columns"
+            )
+        values = np.asarray(self.table[gids, ks])
+        missing = np.isnan(values)
+        if missing.any():
+            pairs = list(zip(gids[missing].tolist(), ks[missing].tolist(), strict=True))[:5]
+            raise ValueError(f"{self.source}: no reference log-prob for (group, response) {pairs}")
+        return torch.from_numpy(values.astype(np.float32)).to(batch.tokens.device)
+
+
+def _reference_loss(batch: RowBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from megatron.core import parallel_state as ps
+
+    from megatron_prefpack.losses.logprobs import allreduce_response_sums, response_logprobs
+
+    sums = response_logprobs(output, batch.labels, batch.response_slots, batch.num_responses)
+    sums = allreduce_response_sums(sums, ps.get_context_parallel_group())
+    values = {
+        "group_ids": batch.response_group_ids.cpu(),
+        "response_indices": batch.response_indices.cpu(),
+        "logps": sums.detach().double().cpu(),
+    }
+    return sums.sum() * 0.0, values
+
+
+def _forward_step(
+    model_forward: Any, data_iterator: Iterator[Any], model: torch.nn.Module
+) -> tuple[Any, Any]:
+    item = next(data_iterator)
+    return model_forward(model, item.batch), partial(_reference_loss, item.batch)
+
+
+@torch.no_grad()
+def forward_reference(
+    chunks: list[torch.nn.Module], batches: list[RowBatch], model_forward: Any
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Forward-only pass of the (frozen) model over ``batches``: per micro-batch
+    ``(group_ids, response_indices, logp_sums)`` on the last pipeline stage, [] elsewhere."""
+    from megatron_prefpack.training.step import MicroBatch, run_schedule
+
+    for chunk in chunks:
+        chunk.eval()
+    items = [MicroBatch(b, 1) for b in batches]
+    outputs = run_schedule(chunks, items, partial(_forward_step, model_forward), forward_only=True)
+    return [(o["group_ids"].numpy(), o["response_indices"].numpy(), o["logps"].numpy()) for o in outputs]
+
+
+def table_from(
+    results: list[tuple[np.ndarray, np.ndarray, np.ndarray]], shape: tuple[int, int]
+) -> np.ndarray:
+    """Scatter ``forward_reference`` results into a NaN-filled ``shape`` table."""
+    table = np.full(shape, np.nan, dtype=np.float64)
+    for gids, ks, logps in results:
+        table[gids, ks] = logps
+    return table
+
+
+class OnlineReference:
+    """The frozen reference model inside the training job; :meth:`prepare` runs it over the
+    micro-batches about to be used and returns the lookup for them (last stage only)."""
+
+    def __init__(
+        self, chunks: list[torch.nn.Module], model_forward: Any, num_groups: int, max_responses: int
+    ):
+        self.chunks = chunks
+        self.model_forward = model_forward
+        self.shape = (num_groups, max_responses)
+
+    def prepare(self, batches: list[RowBatch]) -> ReferenceLogps:
+        results = forward_reference(self.chunks, batches, self.model_forward)
+        return ReferenceLogps(table_from(results, self.shape), "online reference")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the training config (data, model, parallel layout)")
+    parser.add_argument(
+        "--load", default=None, help="reference checkpoint (default: reference.load, else checkpoint.load)"
+    )
+    parser.add_argument("--output", required=True, help="where to write the (groups, responses) .npy table")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_prefpack.training.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, [*args.set, *args.overrides], check_reference=False)
+    except ConfigError as err:
+        print(f"prefpack ref-logprobs: {err}")
+        return 2
+    write_reference_logprobs(cfg, args.load or cfg.reference.load or cfg.checkpoint.load, Path(args.output))
+    return 0
+
+
+def write_reference_logprobs(cfg: Any, load: str | None, output: Path) -> Path:
+    """Compute the reference log-prob table of the whole dataset (both splits) and write it.
+
+    Collective; rank 0 writes ``output`` (atomically) and ``output.json``."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_prefpack.data.group_dataset import GroupDataset
+    from megatron_prefpack.data.packing import GroupLengths, PackingConfig, pack
+    from megatron_prefpack.data.sampler import PackedRowDataset
+    from megatron_prefpack.platform import distributed as platform
+    from megatron_prefpack.training import checkpoint
+    from megatron_prefpack.training.config import check_parallel_layout, model_config
+    from megatron_prefpack.training.model_setup import build_chunks, transformer_config
+    from megatron_prefpack.training.step import is_reporting_rank
+    from megatron_prefpack.training.train import init_distributed, make_model_forward
+
+    start = time.perf_counter()
+    init_distributed(cfg)
+    try:
+        model_cfg = model_config(cfg)
+        check_parallel_layout(cfg, dist.get_world_size(), model_cfg)
+        par = cfg.parallel
+        tcfg = transformer_config(cfg, model_cfg)
+        chunks = build_chunks(model_cfg, tcfg)
+        if load is None:
+            print("[prefpack] warning: no reference checkpoint given; using the random initialisation")
+        else:
+            checkpoint.load(load, chunks, restore_rng=False)
+        dataset = GroupDataset(cfg.data.path)
+        lengths = dataset.token_lengths()
+        ids = np.arange(len(dataset), dtype=np.int64)
+        plan = pack(
+            GroupLengths(lengths.prompt, lengths.response, lengths.response_offsets, ids),
+            PackingConfig(
+                seq_len=cfg.data.seq_len,
+                tensor_parallel=par.tensor,
+                context_parallel=par.context,
+                sequence_parallel=par.sequence_parallel,
+                skip_too_long=cfg.data.skip_too_long,
+            ),
+        )
+        pad_id = int(dataset.info.get("tokenizer", {}).get("pad_id", 0))
+        rows = PackedRowDataset(plan, dataset.__getitem__, pad_id)
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        mbs = cfg.data.micro_batch_size
+        chunk_rows = [list(range(s, min(s + mbs, plan.num_rows))) for s in range(0, plan.num_rows, mbs)]
+        per_rank = math.ceil(len(chunk_rows) / dp)
+        # Every rank runs the same number of micro-batches (EP all-to-alls span DP ranks);
+        # fillers repeat chunk 0, whose values are identical anyway.
+        mine = [
+            chunk_rows[i * dp + dp_rank] if i * dp + dp_rank < len(chunk_rows) else chunk_rows[0]
+            for i in range(per_rank)
+        ]
+        if par.pipeline > 1:  # pipeline stages exchange fixed-shape tensors: full micro-batches only
+            mine = [c if len(c) == mbs else (c * mbs)[:mbs] for c in mine]
+        max_k = int(lengths.num_responses.max())
+        results = forward_reference(chunks, [rows.batch(c) for c in mine], make_model_forward(model_cfg))
+        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(results if is_reporting_rank() else [], gathered, dst=0)
+        if gathered is not None:
+            table = table_from([r for part in gathered for r in part], (len(dataset), max_k))
+            output.parent.mkdir(parents=True, exist_ok=True)
+            tmp = output.with_name(output.name + ".tmp.npy")
+            np.save(tmp, table)
+            tmp.replace(output)
+            header = {
+                "format": FORMAT,
+                "dataset": str(Path(cfg.data.path).resolve()),
+                "num_groups": len(dataset),
+                "max_responses": max_k,
+                "skipped_group_ids": list(plan.skipped_group_ids),
+                "checkpoint": None if load is None else str(Path(load).resolve()),
+                "model": model_cfg.to_dict(),
+            }
+            output.with_name(output.name + ".json").write_text(json.dumps(header, indent=1) + "\n")
+            known = int((~np.isnan(table)).sum())
+            print(
+                f"[prefpack] wrote {output}: {known} response log-probs of {len(dataset)} groups "
+                f"({len(plan.skipped_group_ids)} groups skipped as too long) in {time.perf_counter() - start:.1f} s"
+            )
+        dist.barrier()
+    finally:
+        platform.destroy()
+    return output
