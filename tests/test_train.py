@@ -144,9 +144,13 @@ def test_parallel_layouts_follow_single_process(
     assert single_process_run["loss"][-1] < single_process_run["loss"][0]
 
 
-def test_resume_reproduces_the_uninterrupted_run(dataset, tmp_path):
-    world = 1
-    sft = ["objective.type=sft", "reference.mode=none", "run.train_steps=6"]
+@pytest.mark.parametrize(
+    ("world", "optimizer"),
+    [(1, "parallel.distributed_optimizer=false"), (2, "parallel.distributed_optimizer=true")],
+    ids=["adam", "dp2_distributed_adam"],
+)
+def test_resume_reproduces_the_uninterrupted_run(world, optimizer, dataset, tmp_path):
+    sft = ["objective.type=sft", "reference.mode=none", "run.train_steps=6", optimizer]
     straight = train_ranks(world, overrides(dataset, tmp_path / "a", *sft, "checkpoint.interval=3"))
     middle = tmp_path / "a" / "checkpoints" / "iter_0000003"
     assert (middle / "prefpack.json").is_file()

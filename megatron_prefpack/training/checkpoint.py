@@ -111,6 +111,39 @@ def _sharded_state(
     return state
 
 
+def _materialize_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh distributed optimizer the state that the checkpoint will overwrite.
+
+    Megatron's ``DistributedOptimizer`` can only describe (and so load) optimizer state that
+    exists. With TE/Apex Adam it creates it itself; with torch's Adam (CPU, no TE/Apex) the
+    state, including Adam's ``step``, appears only at the first step, and ``state_dict()``
+    asserts. Megatron's own dummy step (zero gradients) creates it; ``load`` then replaces
+    every value it touched: parameters, moments and step. ``optimizer`` may be a
+    ``ChainedOptimizer`` (dense + expert parameters): each member is handled."""
+    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(member, "_init_optimizer_states_with_dummy_values") and not member.optimizer.state:
+            member._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer: Any) -> None:
+    """Set each parameter's Adam ``step`` from the loaded checkpoint after a load.
+
+    Without TE/Apex (CPU), torch's Adam keeps ``step`` per parameter, and
+    ``DistributedOptimizer`` saves it in its param groups. Its load restores the moments but
+    leaves the per-parameter steps at the dummy step's 1 (and, where it sets them, shares one
+    tensor that foreach Adam would advance once per parameter): Adam's bias correction
+    would be wrong from the first step after resume. Each parameter gets its own tensor
+    holding its group's loaded step."""
+    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = member.optimizer
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                if "step" in inner.state.get(param, {}):
+                    inner.state[param]["step"] = torch.tensor(float(group["step"]))
+
+
 def _rng_state() -> dict[str, Any]:
     from megatron.core import tensor_parallel
 
@@ -199,12 +232,19 @@ def load(
 
     ckpt = resolve(path)
     state = read_state(ckpt)
+    if optimizer is not None:
+        _materialize_optimizer_state(optimizer)
     sharded = _sharded_state(model_chunks, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(ckpt))
     for i, chunk in enumerate(model_chunks):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # Without a separate fp32 master copy (fp32 training), the distributed optimizer's
+        # main-parameter shards are views of the model's leaf parameters: copying the loaded
+        # values into them must not be recorded by autograd.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     rank_file = ckpt / "rank_state" / f"rank{_rank():05d}.pt"
     world = dist.get_world_size() if dist.is_initialized() else 1
     if restore_rng and state.world_size == world and rank_file.is_file():
