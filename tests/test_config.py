@@ -152,6 +152,27 @@ def test_not_yaml(tmp_path):
         (["parallel.expert=2"], 1, "parallel.expert: 2 does not divide data*context = 1"),
         (["data.global_batch_size=2"], 2, "not a multiple of micro_batch_size*data_parallel = 2*2"),
         (["parallel.virtual_pipeline=2"], 1, "parallel.virtual_pipeline: needs parallel.pipeline >= 2"),
+        (["parallel.first_stage_layers=1"], 1, "parallel.first_stage_layers: needs parallel.pipeline >= 2"),
+        (
+            ["parallel.pipeline=3", "parallel.first_stage_layers=1"],
+            3,
+            "3 of the 4 layers are left for 2 other stage(s)",
+        ),
+        (
+            ["parallel.pipeline=2", "parallel.first_stage_layers=1", "parallel.last_stage_layers=2"],
+            2,
+            "1 of the 4 layers are left for 0 other stage(s)",
+        ),
+        (
+            ["parallel.pipeline=2", "parallel.last_stage_layers=0"],
+            2,
+            "parallel.last_stage_layers: must be >= 1",
+        ),
+        (
+            ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.first_stage_layers=2"],
+            2,
+            "parallel.virtual_pipeline: is not supported with first/last_stage_layers",
+        ),
     ],
 )
 def test_parallel_layout_errors(config_file, overrides, world, expected):
@@ -167,6 +188,34 @@ def test_parallel_layout_ok(config_file):
         config_file(), ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"]
     )
     assert check_parallel_layout(cfg, 4, model_config(cfg)) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world"),
+    [
+        (["parallel.pipeline=3", "parallel.first_stage_layers=2"], 3),
+        (["parallel.pipeline=3", "parallel.last_stage_layers=2"], 3),
+        (["parallel.pipeline=2", "parallel.first_stage_layers=1", "parallel.last_stage_layers=3"], 2),
+    ],
+)
+def test_uneven_pipeline_stages(config_file, overrides, world):
+    cfg = load_config(config_file(), overrides)
+    assert check_parallel_layout(cfg, world, model_config(cfg)) == 1
+
+
+def test_cluster_example_config_fits_its_256_gpus(tmp_path, monkeypatch):
+    """examples/configs/ax_k1_dpo.yaml parses, and its layout divides A.X K1 on 256 ranks."""
+    example = Path(__file__).parents[1] / "examples" / "configs" / "ax_k1_dpo.yaml"
+    monkeypatch.chdir(tmp_path)
+    for directory in ("data/ax_k1_prefs", "checkpoints/ax_k1_sft"):
+        (tmp_path / directory).mkdir(parents=True)
+    (tmp_path / "data/ax_k1_prefs/ref_logprobs.npy").touch()
+    cfg = load_config(example)
+    model = model_config(cfg)
+    assert (model.num_layers, model.moe.num_experts) == (61, 192)
+    assert check_parallel_layout(cfg, 256, model) == 8
+    with pytest.raises(ConfigError, match="does not divide the world size 200"):
+        check_parallel_layout(cfg, 200, model)
 
 
 def test_override_returns_new_config(config_file):

@@ -10,6 +10,7 @@ The helpers here are reused by ``test_model_parallel_equivalence.py``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -111,14 +112,20 @@ def single_token_logprobs(model: torch.nn.Module, group: TokenizedGroup, k: int)
     return response_token_logprobs(model_forward(model, batch), batch)[(group.group_id, k)]
 
 
-def build(name: str, **changes) -> tuple[ModelConfig, torch.nn.Module]:
-    from megatron_prefpack.models.builder import build_model
+def build(
+    name: str, transformer_overrides: dict[str, Any] | None = None, **changes
+) -> tuple[ModelConfig, torch.nn.Module]:
+    """Preset ``name`` with ``changes``, built for the initialized parallel layout;
+    ``transformer_overrides`` go to Megatron's TransformerConfig (e.g. uneven pipeline stages)."""
+    from megatron_prefpack.models.builder import build_model, parallel_layout
+    from megatron_prefpack.models.config import to_transformer_config
 
     cfg = model_config(name)
     if changes:
         cfg = dataclasses.replace(cfg, **changes)
     torch.manual_seed(0)
-    return cfg, build_model(cfg)
+    tcfg = to_transformer_config(cfg, **parallel_layout(), **(transformer_overrides or {}))
+    return cfg, build_model(cfg, tcfg)
 
 
 def _assert_logprobs_match(packed: dict, reference: dict, tol: float = 1e-5) -> None:

@@ -1,6 +1,6 @@
 """The packing invariant under model parallelism (gloo processes, fp32, CPU): per-token log-probs of
-every response in preference-packed rows, computed with TP=2 + sequence parallelism, EP=2, PP=2
-and TP2 x EP2, equal those of each prompt + response run alone on a single process.
+every response in preference-packed rows, computed with TP=2 + sequence parallelism, EP=2, PP=2 (even
+and uneven stages) and TP2 x EP2, equal those of each prompt + response run alone on a single process.
 
 One single-process run writes its weights with Megatron's ``dist_checkpointing`` and computes the
 reference; each parallel layout loads the same weights (resharded by Megatron) and runs the
@@ -30,9 +30,12 @@ LAYOUTS: dict[str, dict[str, int]] = {
     "tp2-sp": {"tensor_parallel": 2},
     "ep2": {"expert_parallel": 2},
     "pp2": {"pipeline_parallel": 2},
+    "pp2-uneven": {"pipeline_parallel": 2},
     "tp2xep2": {"tensor_parallel": 2, "expert_parallel": 2},
 }
-WORLD_SIZE = {"tp2-sp": 2, "ep2": 2, "pp2": 2, "tp2xep2": 4}
+WORLD_SIZE = {"tp2-sp": 2, "ep2": 2, "pp2": 2, "pp2-uneven": 2, "tp2xep2": 4}
+# A.X K1's 61 layers need an uneven split; here: the dense first layer alone on stage 0.
+TRANSFORMER_OVERRIDES = {"pp2-uneven": {"num_layers_in_first_pipeline_stage": 1}}
 CASES = [
     ("tiny-dense", "tp2-sp"),
     ("tiny-dense", "pp2"),
@@ -42,6 +45,7 @@ CASES = [
     ("tiny-mla-moe", "tp2-sp"),
     ("tiny-mla-moe", "ep2"),
     ("tiny-mla-moe", "tp2xep2"),
+    ("tiny-mla-moe", "pp2-uneven"),
 ]
 
 
@@ -70,7 +74,9 @@ def _reference(name: str, checkpoint_dir: str) -> dict[tuple[int, int], torch.Te
         dist_platform.destroy()
 
 
-def _packed_logprobs(name: str, checkpoint_dir: str, layout: dict[str, int]) -> dict | None:
+def _packed_logprobs(
+    name: str, checkpoint_dir: str, layout: dict[str, int], transformer_overrides: dict[str, Any]
+) -> dict | None:
     """One rank of a parallel layout: load the weights, return packed-row log-probs (last PP stage)."""
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -79,7 +85,7 @@ def _packed_logprobs(name: str, checkpoint_dir: str, layout: dict[str, int]) -> 
     from megatron_prefpack.platform import distributed as dist_platform
 
     dist_platform.initialize(**layout)
-    cfg, model = build(name)
+    cfg, model = build(name, transformer_overrides)
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), checkpoint_dir))
     model.eval()
     batch = make_batch(make_groups(seed=5, vocab_size=cfg.vocab_size), "packed")
@@ -119,7 +125,12 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
 def test_packed_logprobs_match_single_process(references: dict, name: str, layout: str) -> None:
     checkpoint_dir, reference = references[name]
     results = run_distributed(
-        _packed_logprobs, WORLD_SIZE[layout], name, str(checkpoint_dir), LAYOUTS[layout]
+        _packed_logprobs,
+        WORLD_SIZE[layout],
+        name,
+        str(checkpoint_dir),
+        LAYOUTS[layout],
+        TRANSFORMER_OVERRIDES.get(layout, {}),
     )
     last_stage = [r for r in results if r is not None]
     assert last_stage, "no rank returned log-probs"

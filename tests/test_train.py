@@ -107,6 +107,8 @@ def _save_initial_weights(args: list[str], path: str) -> None:
         platform.destroy()
 
 
+SFT = ["objective.type=sft", "reference.mode=none"]
+
 LAYOUTS = {
     "tp2_sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     "ep2": (2, ["parallel.expert=2"]),
@@ -150,7 +152,7 @@ def test_parallel_layouts_follow_single_process(
     ids=["adam", "dp2_distributed_adam"],
 )
 def test_resume_reproduces_the_uninterrupted_run(world, optimizer, dataset, tmp_path):
-    sft = ["objective.type=sft", "reference.mode=none", "run.train_steps=6", optimizer]
+    sft = [*SFT, "run.train_steps=6", optimizer]
     straight = train_ranks(world, overrides(dataset, tmp_path / "a", *sft, "checkpoint.interval=3"))
     middle = tmp_path / "a" / "checkpoints" / "iter_0000003"
     assert (middle / "prefpack.json").is_file()
@@ -158,6 +160,23 @@ def test_resume_reproduces_the_uninterrupted_run(world, optimizer, dataset, tmp_
     assert len(resumed["loss"]) == 3
     np.testing.assert_array_equal(resumed["loss"], straight["loss"][3:])
     np.testing.assert_array_equal(resumed["grad_norm"], straight["grad_norm"][3:])
+
+
+def test_resubmitted_job_continues_from_its_save_dir(dataset, initial_weights, tmp_path):
+    """Slurm requeue: the same command again resumes from the newest checkpoint in the save
+    dir, not from ``checkpoint.load``; the online reference is reloaded from the weights the
+    run started from."""
+    straight = train_ranks(1, overrides(dataset, tmp_path / "a", *initial_weights, "run.train_steps=6"))
+    first = train_ranks(1, overrides(dataset, tmp_path / "b", *initial_weights, "run.train_steps=3"))
+    again = train_ranks(1, overrides(dataset, tmp_path / "b", *initial_weights, "run.train_steps=6"))
+    np.testing.assert_array_equal(first["loss"] + again["loss"], straight["loss"])
+    fresh = train_ranks(
+        1,
+        overrides(
+            dataset, tmp_path / "b", *initial_weights, "run.train_steps=2", "checkpoint.auto_resume=false"
+        ),
+    )
+    np.testing.assert_array_equal(fresh["loss"], straight["loss"][:2])
 
 
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(dataset, tmp_path):
@@ -171,7 +190,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(dataset, tmp_path):
         "train",
         "--config",
         str(config),
-        *overrides(dataset, run_dir, "run.train_steps=100000", "run.log_interval=1"),
+        *overrides(dataset, run_dir, *SFT, "run.train_steps=100000", "run.log_interval=1"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -192,18 +211,8 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(dataset, tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.open() if '"train"' in line]
     assert state.step == steps[-1] >= 2
     assert state.consumed_rows == 4 * state.step
-    # Loadable: resume for one more step.
-    more = train_ranks(
-        1,
-        overrides(
-            dataset,
-            tmp_path / "more",
-            f"run.train_steps={state.step + 1}",
-            f"checkpoint.load={run_dir / 'checkpoints'}",
-            "reference.mode=none",
-            "objective.type=sft",
-        ),
-    )
+    # Loadable: the same command, resubmitted, continues for one more step.
+    more = train_ranks(1, overrides(dataset, run_dir, *SFT, f"run.train_steps={state.step + 1}"))
     assert len(more["loss"]) == 1
 
 

@@ -82,6 +82,15 @@ def resolve(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: neither a checkpoint (no {META}) nor a save dir (no {LATEST} file)")
 
 
+def has_checkpoint(save_dir: str | Path) -> bool:
+    """Whether ``save_dir`` holds a complete checkpoint behind its ``latest`` pointer."""
+    try:
+        resolve(save_dir)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def read_state(path: str | Path) -> CheckpointState:
     """The ``prefpack.json`` of the checkpoint at (or pointed to by) ``path``."""
     return CheckpointState(**json.loads((resolve(path) / META).read_text()))

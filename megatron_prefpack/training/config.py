@@ -76,6 +76,11 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     virtual_pipeline: int | None = None
+    first_stage_layers: int | None = None
+    """Layers on the first pipeline stage when they do not split evenly (A.X K1 and
+    DeepSeek-V3 have 61): the embedding's stage can take fewer. None = an even share."""
+    last_stage_layers: int | None = None
+    """Layers on the last pipeline stage (it also holds the output layer and the loss)."""
     context: int = 1
     expert: int = 1
     sequence_parallel: bool = False
@@ -149,6 +154,11 @@ class CheckpointConfig:
     """Save every N steps (0: only at the end and on SIGTERM)."""
     keep: int = 2
     """Keep the newest N checkpoints (0: keep all)."""
+    auto_resume: bool = True
+    """When the save dir already holds a complete checkpoint, continue from the newest one
+    (weights, optimizer, schedule, data position, RNG) instead of ``load``: a requeued or
+    resubmitted Slurm job carries on where the last one stopped. False: always start from
+    ``load``."""
 
 
 @dataclass
@@ -505,13 +515,7 @@ def check_parallel_layout(cfg: TrainConfig, world_size: int, model: Any) -> int:
         raise _fail(cfg, "parallel.expert", f"expert parallel {par.expert} needs an MoE model")
     if experts and experts % par.expert:
         raise _fail(cfg, "parallel.expert", f"{par.expert} does not divide the {experts} experts")
-    stages = par.pipeline * (par.virtual_pipeline or 1)
-    if model.num_layers % stages:
-        raise _fail(
-            cfg,
-            "parallel.pipeline",
-            f"pipeline*virtual_pipeline = {stages} does not divide the {model.num_layers} layers",
-        )
+    _check_pipeline_split(cfg, model.num_layers)
     if par.virtual_pipeline is not None and par.pipeline < 2:
         raise _fail(cfg, "parallel.virtual_pipeline", "needs parallel.pipeline >= 2")
     if experts and par.tensor > 1 and not par.sequence_parallel:
@@ -533,6 +537,46 @@ def check_parallel_layout(cfg: TrainConfig, world_size: int, model: Any) -> int:
             f"{cfg.data.micro_batch_size}*{dp}",
         )
     return dp
+
+
+def _check_pipeline_split(cfg: TrainConfig, num_layers: int) -> None:
+    """The layers split over the pipeline stages: evenly, or with ``first_stage_layers`` /
+    ``last_stage_layers`` set and the rest shared evenly by the middle stages."""
+    par = cfg.parallel
+    edges = {"first_stage_layers": par.first_stage_layers, "last_stage_layers": par.last_stage_layers}
+    given = {key: value for key, value in edges.items() if value is not None}
+    if not given:
+        stages = par.pipeline * (par.virtual_pipeline or 1)
+        if num_layers % stages:
+            raise _fail(
+                cfg,
+                "parallel.pipeline",
+                f"pipeline*virtual_pipeline = {stages} does not divide the {num_layers} layers; "
+                "set parallel.first_stage_layers / last_stage_layers for an uneven split",
+            )
+        return
+    for key, value in given.items():
+        if par.pipeline < 2:
+            raise _fail(cfg, f"parallel.{key}", "needs parallel.pipeline >= 2")
+        if value < 1:
+            raise _fail(cfg, f"parallel.{key}", f"must be >= 1, got {value}")
+    if par.virtual_pipeline is not None:
+        raise _fail(
+            cfg, "parallel.virtual_pipeline", "is not supported with first/last_stage_layers (untested here)"
+        )
+    middle_stages = par.pipeline - len(given)
+    middle_layers = num_layers - sum(given.values())
+    if (
+        middle_layers < 0
+        or (middle_stages == 0 and middle_layers)
+        or (middle_stages and (middle_layers == 0 or middle_layers % middle_stages))
+    ):
+        raise _fail(
+            cfg,
+            "parallel.pipeline",
+            f"{middle_layers} of the {num_layers} layers are left for {middle_stages} other "
+            f"stage(s) after {given}: they must split evenly, at least one each",
+        )
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -19,7 +19,8 @@ from megatron_prefpack.training.config import TrainConfig
 
 
 def transformer_config(cfg: TrainConfig, model_cfg: ModelConfig) -> Any:
-    """Megatron's TransformerConfig for ``model_cfg`` under ``cfg.parallel`` (expert TP = TP)."""
+    """Megatron's TransformerConfig for ``model_cfg`` under ``cfg.parallel`` (expert TP = TP,
+    uneven first/last pipeline stages as configured)."""
     from megatron_prefpack.models.config import to_transformer_config
 
     par = cfg.parallel
@@ -32,6 +33,8 @@ def transformer_config(cfg: TrainConfig, model_cfg: ModelConfig) -> Any:
         expert_tensor_parallel=par.tensor,
         sequence_parallel=par.sequence_parallel,
         virtual_pipeline_parallel=par.virtual_pipeline,
+        num_layers_in_first_pipeline_stage=par.first_stage_layers,
+        num_layers_in_last_pipeline_stage=par.last_stage_layers,
     )
 
 

@@ -5,8 +5,9 @@ Read top to bottom, :func:`train` is the whole job:
 1. config -> torch.distributed + Megatron parallel state (gloo on CPU, NCCL on GPU);
 2. data: held-out split, packing plans, this data-parallel rank's sampler;
 3. policy model chunks (+ reward head), Megatron DDP, optimizer, LR schedule;
-4. start from a checkpoint: resume (weights, optimizer, schedule, data position, RNG) or
-   weights only (e.g. DPO from an SFT model);
+4. start from a checkpoint: resume (weights, optimizer, schedule, data position, RNG) from
+   the save dir's newest checkpoint or ``checkpoint.load``, or weights only (e.g. DPO from an
+   SFT model);
 5. the reference: precomputed table, frozen in-job copy, or none;
 6. the loop: micro-batches -> (reference pass) -> Megatron forward/backward -> optimizer step,
    logging every ``log_interval`` steps, evaluating every ``eval_interval``, saving every
@@ -151,6 +152,18 @@ def _means(sums: dict[str, float]) -> dict[str, float]:
     return {k: v / count for k, v in sums.items() if k != "count"}
 
 
+def _starting_point(cfg: TrainConfig) -> tuple[str | Path | None, bool]:
+    """The checkpoint to start from, and whether it is a resume (optimizer, schedule, data
+    position and RNG too) rather than weights only. A complete checkpoint in the save dir
+    wins over ``checkpoint.load`` when ``checkpoint.auto_resume``."""
+    from megatron_prefpack.training import checkpoint
+
+    ckpt = cfg.checkpoint
+    if ckpt.auto_resume and checkpoint.has_checkpoint(cfg.save_dir):
+        return cfg.save_dir, True
+    return ckpt.load, ckpt.load is not None and ckpt.load_optimizer
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the job described by ``cfg`` (collective: every rank calls it)."""
     import torch.distributed as dist
@@ -205,8 +218,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         # 3. policy (+ reward head), starting weights, DDP, optimizer, schedule
         objective, keys = _objective(cfg)
         is_rm = cfg.objective.type == "rm"
-        load = cfg.checkpoint.load
-        resume = load is not None and cfg.checkpoint.load_optimizer
+        load, resume = _starting_point(cfg)
         # A reward-model checkpoint carries its head (attach, then load); a language-model
         # checkpoint does not (load, then attach a fresh head).
         head_first = is_rm and (load is None or checkpoint.read_state(load).objective == "rm")
@@ -220,11 +232,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         reference_chunks = None
         if cfg.reference.mode == "online":
             reference_chunks = build_chunks(model_cfg, copy.copy(tcfg))
-            if cfg.reference.load is not None:
-                checkpoint.load(cfg.reference.load, reference_chunks, restore_rng=False)
+            reference_load = cfg.reference.load
+            if reference_load is None and resume and not cfg.checkpoint.load_optimizer:
+                reference_load = cfg.checkpoint.load  # the weights this run started from
+            if reference_load is not None:
+                checkpoint.load(reference_load, reference_chunks, restore_rng=False)
             elif resume:
                 raise ConfigError(
-                    f"{cfg.source}: reference.load: resuming with an online reference needs its checkpoint"
+                    f"{cfg.source}: reference.load: resuming with an online reference needs its "
+                    "checkpoint (this run did not start from a weights-only checkpoint.load)"
                 )
             else:  # the reference is the policy's starting point
                 for ref_chunk, chunk in zip(reference_chunks, chunks, strict=True):
