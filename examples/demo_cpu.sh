@@ -47,7 +47,7 @@ rm -rf "$out/sft"
 
 echo "== 4/6 reference log-probs of the SFT model"
 "${launch[@]}" ref-logprobs --config "$configs/demo_dpo.yaml" "${common[@]}" \
-  --load "$out/sft/checkpoints" --output "$out/data/ref_logprobs.npy"
+  checkpoint.load="$out/sft/checkpoints" --output "$out/data/ref_logprobs.npy"
 
 echo "== 5/6 DPO (reference = the SFT model)"
 rm -rf "$out/dpo"

@@ -3,6 +3,8 @@
 - ``megatron_single_process``: Megatron's parallel state for one process (world size 1, gloo on
   CPU, every parallel size 1, seed 1234), torn down after the test. On CPU it also applies
   ``enable_cpu_megatron()``, whose patches stay for the rest of the pytest process.
+- ``sp_path`` / ``hf_dir``: a small SentencePiece model and a Hugging Face tokenizer directory
+  (``tokenizer.json`` + ``tokenizer_config.json``), trained once per session.
 - Multi-process tests use ``tests.distributed.run_distributed`` instead.
 """
 
@@ -20,6 +22,8 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from tests.fixtures.tokenizer_files import hf_tokenizer_dir, sentencepiece_model  # noqa: E402
+
 
 @pytest.fixture
 def megatron_single_process() -> Iterator[None]:
@@ -31,3 +35,13 @@ def megatron_single_process() -> Iterator[None]:
         yield
     finally:
         dist_platform.destroy()
+
+
+@pytest.fixture(scope="session")
+def sp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sentencepiece_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return hf_tokenizer_dir(tmp_path_factory)

@@ -16,7 +16,7 @@ from megatron_prefpack.data.group_dataset import GroupDataset
 from megatron_prefpack.data.preprocess import PreprocessOptions, preprocess, tokenize_record
 from megatron_prefpack.data.records import InvalidRecord, iter_records, parse_record
 from megatron_prefpack.data.tokenizers import load_tokenizer
-from tests.fixtures.tokenizer_files import HH_FILE, hf_tokenizer_dir, hh_lines, sentencepiece_model
+from tests.fixtures.tokenizer_files import HH_FILE, hh_lines
 
 USER = {"role": "user", "content": "What is a pen?"}
 RECORDS = [
@@ -25,16 +25,6 @@ RECORDS = [
     {"prompt": "Rank these.", "responses": [" first", " second", " third"], "scores": [2.0, 1.0, -1.0]},
     {"prompt": [USER], "responses": ["<think>It writes.</think>A writing tool.", "A writing tool."]},
 ]
-
-
-@pytest.fixture(scope="session")
-def sp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return sentencepiece_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return hf_tokenizer_dir(tmp_path_factory)
 
 
 def write_jsonl(path: Path, records: list, extra_lines: dict[int, bytes] | None = None) -> Path:

@@ -18,6 +18,7 @@ from megatron_prefpack.losses.reward import (
     response_end_rewards,
 )
 from tests.distributed import run_distributed
+from tests.objective_checks import assert_micro_batches_sum_to_whole
 
 
 def softplus(x: float) -> float:
@@ -201,16 +202,12 @@ def test_reward_objective_micro_batches_sum_to_the_global_mean_over_ranked_group
     total = objective.count(whole_batch)
     assert total == 3
 
-    whole_leaf = token_rewards.clone().requires_grad_(True)
-    whole = objective(whole_batch, whole_leaf, total)
-    whole.loss.backward()
-    split_leaf = token_rewards.clone().requires_grad_(True)
-    parts = [objective(collate([rows[i]], groups), split_leaf[i : i + 1], total) for i in range(2)]
-    sum(p.loss for p in parts).backward()
-    torch.testing.assert_close(sum(p.loss.detach() for p in parts), whole.loss.detach())
-    torch.testing.assert_close(split_leaf.grad, whole_leaf.grad)
-    for name, value in whole.metrics.items():
-        torch.testing.assert_close(sum(p.metrics[name] for p in parts), value)
+    whole, _ = assert_micro_batches_sum_to_whole(
+        lambda ids, leaf: objective(collate([rows[i] for i in ids], groups), leaf[ids], total),
+        token_rewards,
+        num_rows=2,
+        splits=[[0], [1]],
+    )
 
     # By hand: rewards at each response's EOS token, pairs by score, mean per group, mean over groups.
     reward = {}

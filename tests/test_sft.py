@@ -11,6 +11,7 @@ from megatron_prefpack.data.groups import TokenizedGroup
 from megatron_prefpack.data.layout import build_row
 from megatron_prefpack.losses.objectives import SFTObjective
 from megatron_prefpack.losses.sft import sft_response_losses
+from tests.objective_checks import assert_micro_batches_sum_to_whole
 
 VOCAB = 16
 ROW = 40
@@ -86,18 +87,15 @@ def test_sft_micro_batches_sum_to_the_whole_batch_loss_and_gradient(reduction: s
     objective = SFTObjective(reduction)
     total = objective.count(collate(rows, groups))
 
-    whole_leaf = logits.clone().requires_grad_(True)
-    whole = objective(collate(rows, groups), whole_leaf, total)
-    whole.loss.backward()
-    split_leaf = logits.clone().requires_grad_(True)
-    parts = [objective(collate([rows[i]], groups), split_leaf[i : i + 1], total) for i in range(2)]
-    sum(p.loss for p in parts).backward()
-
-    torch.testing.assert_close(sum(p.loss.detach() for p in parts), whole.loss.detach())
-    torch.testing.assert_close(split_leaf.grad, whole_leaf.grad)
-    assert sum(p.count for p in parts) == total
+    whole, grad = assert_micro_batches_sum_to_whole(
+        lambda ids, leaf: objective(collate([rows[i] for i in ids], groups), leaf[ids], total),
+        logits,
+        num_rows=2,
+        splits=[[0], [1]],
+    )
+    assert whole.count == total
     # Gradient only reaches positions that predict a response token.
-    assert (whole_leaf.grad.abs().sum(-1) > 0).equal(collate(rows, groups).loss_mask)
+    assert (grad.abs().sum(-1) > 0).equal(collate(rows, groups).loss_mask)
 
 
 def test_sft_first_only_trains_on_response_zero() -> None:

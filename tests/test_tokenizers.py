@@ -11,23 +11,13 @@ from megatron_prefpack.cli import main
 from megatron_prefpack.data.chat_templates import ChatTemplateError, resolve_chat_template
 from megatron_prefpack.data.records import parse_record
 from megatron_prefpack.data.tokenizers import TokenizerError, load_tokenizer
-from tests.fixtures.tokenizer_files import HF_CHAT_TEMPLATE, hf_tokenizer_dir, hh_lines, sentencepiece_model
+from tests.fixtures.tokenizer_files import HF_CHAT_TEMPLATE, hh_lines
 
 TEXTS = [
     "\n\nHuman: what are some pranks?\n\nAssistant: Are you  looking for   ideas?",
     " leading space, trailing space ",
     "digits 12345, unicode café ☃ 日本語, tabs\tand\r\nCRLF",
 ]
-
-
-@pytest.fixture(scope="session")
-def sp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return sentencepiece_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return hf_tokenizer_dir(tmp_path_factory)
 
 
 def test_sentencepiece_ids_and_lossless_round_trip(sp_path: Path) -> None:

@@ -302,7 +302,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 return
             ref = reference_for([i.batch for i in items])
             sums = evaluate(model, items, objective, keys, forward, ref, device)
-            metrics = {**_means(sums), "count": sums["count"]}
+            metrics = {**_means(sums), "count": round(sums["count"])}
             result.evals.append({"step": step, **metrics})
             log.log("eval", step, metrics)
 
