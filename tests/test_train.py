@@ -1,6 +1,7 @@
 """``prefpack train`` end to end on a tiny synthetic dataset (CPU, gloo).
 
-- every parallel layout follows the single-process loss trajectory;
+- every parallel layout follows the single-process loss trajectory (DPO; a reward model at TP2);
+- a reward model starts from a language-model checkpoint and its own checkpoints keep the head;
 - resuming from a checkpoint reproduces the uninterrupted run exactly;
 - SIGTERM finishes the step, saves a loadable checkpoint and exits 0;
 - the same global batch of groups gives the same loss and gradients in the preference-packed,
@@ -81,6 +82,7 @@ def _train(args: list[str]) -> dict:
         "loss": [h["loss"] for h in result.history],
         "grad_norm": [h["grad_norm"] for h in result.history],
         "checkpoint": str(result.checkpoint),
+        "evals": result.evals,
     }
 
 
@@ -115,6 +117,8 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pipeline=2"]),
     "tp2_ep2": (4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"]),
     "dp2_distributed_optimizer": (2, ["parallel.distributed_optimizer=true"]),
+    "cp2": (2, ["parallel.context=2"]),
+    "tp2_cp2": (4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.context=2"]),
 }
 
 
@@ -144,6 +148,52 @@ def test_parallel_layouts_follow_single_process(
     # Learning, not just running: the DPO loss drops from log(2) on this data.
     assert single_process_run["loss"][0] == pytest.approx(np.log(2), abs=1e-6)
     assert single_process_run["loss"][-1] < single_process_run["loss"][0]
+
+
+RM = ["objective.type=rm", "reference.mode=none"]
+
+
+def test_reward_model_under_tensor_parallel_follows_single_process(dataset, initial_weights, tmp_path):
+    """A reward model started from a language-model checkpoint (fresh head, same on every
+    rank) trains the same at TP2 + SP as on one process."""
+    single = train_ranks(1, overrides(dataset, tmp_path / "one", *initial_weights, *RM))
+    tp2 = train_ranks(
+        2,
+        overrides(
+            dataset,
+            tmp_path / "tp2",
+            *initial_weights,
+            *RM,
+            "parallel.tensor=2",
+            "parallel.sequence_parallel=true",
+        ),
+    )
+    np.testing.assert_allclose(tp2["loss"], single["loss"], rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(tp2["grad_norm"], single["grad_norm"], rtol=2e-3)
+    assert single["loss"][-1] < single["loss"][0]
+
+
+def test_reward_model_checkpoint_keeps_its_head(dataset, initial_weights, tmp_path):
+    """LM checkpoint -> RM (fresh head) -> RM checkpoint -> a new RM run from it: the new run's
+    step-0 held-out loss is the saved model's final one, so body and head both came back."""
+    held_out = ["data.eval_fraction=0.2", "run.eval_interval=3"]
+    first = train_ranks(1, overrides(dataset, tmp_path / "a", *initial_weights, *RM, *held_out))
+    assert [e["step"] for e in first["evals"]] == [0, 3]
+    again = train_ranks(
+        1,
+        overrides(
+            dataset,
+            tmp_path / "b",
+            *RM,
+            *held_out,
+            f"checkpoint.load={first['checkpoint']}",
+            "checkpoint.load_optimizer=false",
+            "run.train_steps=1",
+        ),
+    )
+    assert again["evals"][0]["step"] == 0
+    assert again["evals"][0]["loss"] == pytest.approx(first["evals"][-1]["loss"], rel=1e-6)
+    assert again["evals"][0]["loss"] != pytest.approx(first["evals"][0]["loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize(

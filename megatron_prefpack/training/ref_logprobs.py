@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from megatron_prefpack.data.batch import RowBatch
+from megatron_prefpack.models.forward import cp_local
 
 FORMAT = "prefpack-ref-logprobs/1"
 
@@ -84,7 +85,7 @@ def _forward_step(
     model_forward: Any, data_iterator: Iterator[Any], model: torch.nn.Module
 ) -> tuple[Any, Any]:
     item = next(data_iterator)
-    return model_forward(model, item.batch), partial(_reference_loss, item.batch)
+    return model_forward(model, item.batch), partial(_reference_loss, cp_local(item.batch))
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prefpack.data.batch import RowBatch
 from megatron_prefpack.losses.objectives import Objective
+from megatron_prefpack.models.forward import cp_local
 from megatron_prefpack.training.metrics import reduce_sums
 
 ModelForward = Callable[[torch.nn.Module, RowBatch], torch.Tensor]
@@ -55,7 +56,7 @@ def _loss_func(
     output: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     ref = reference(item.batch) if reference is not None else None
-    out = objective(item.batch, output, item.global_count, ref)
+    out = objective(cp_local(item.batch), output, item.global_count, ref)
     weight = 1.0 if item.counted else 0.0
     metrics = {k: v.detach().double().cpu() * weight for k, v in out.metrics.items()}
     metrics["count"] = torch.tensor(float(out.count) * weight, dtype=torch.float64)
