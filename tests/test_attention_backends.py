@@ -198,3 +198,36 @@ def test_backend_names() -> None:
     assert resolve_backend_name("auto", "cpu") == "reference"
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_backend("sdpa")
+
+
+GPU_BACKENDS = ["varlen:flash_attn", "varlen:te", "varlen:torch", "flex"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+@pytest.mark.parametrize(("dqk", "dv"), [(64, 64), (192, 128)], ids=["gqa", "mla"])
+def test_gpu_backend_in_bf16_matches_fp32_reference(name: str, dqk: int, dv: int) -> None:
+    """bf16 forward and backward of a GPU kernel against the fp32 reference, on CUDA, under CP
+    query subsets too: relative (Frobenius) error within bf16 rounding."""
+    try:
+        backend = get_backend(name, "cuda")
+    except BackendUnavailableError as err:
+        pytest.skip(str(err))
+    length = 256
+    doc, seg = random_views(7, batch=2, length=length, fill=True)
+    reference = get_backend("reference")
+    for q_index in (None, cp_positions(length, 2, 1)):
+        num_q = length if q_index is None else int(q_index.numel())
+        inputs = random_qkv(7, 2, num_q, length, heads=8, kv_heads=2, dqk=dqk, dv=dv)
+        grad = torch.randn(2, num_q, 8, dv, generator=torch.Generator().manual_seed(8))
+        results = []
+        for impl, dtype in ((reference, torch.float32), (backend, torch.bfloat16)):
+            q, k, v = (t.to("cuda", dtype).requires_grad_() for t in inputs)
+            plan = impl.build_plan(doc.cuda(), seg.cuda(), None if q_index is None else q_index.cuda())
+            out = impl.attend(q, k, v, plan, dqk**-0.5)
+            out.backward(grad.to("cuda", dtype))
+            results.append([t.float() for t in (out, q.grad, k.grad, v.grad)])
+        for what, expected, actual in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+            error = float((actual - expected).norm() / expected.norm())
+            assert error < 2e-2, f"{name} {what}: relative error {error:.2e}"
