@@ -24,7 +24,10 @@ class MoEConfig:
 
     ``router="softmax"``: softmax over experts, top-k. ``router="sigmoid_grouped"``
     (DeepSeek-V3 / A.X K1): sigmoid scores, experts split into ``num_groups`` groups, the best
-    ``topk_groups`` groups per token are kept, top-k inside them. ``expert_bias`` enables
+    ``topk_groups`` groups per token are kept, top-k inside them. A group's score is the sum of
+    its best ``top_k // topk_groups`` scores (Megatron-Core's rule); DeepSeek-V3's reference
+    code always sums the best 2, which is the same for its top 8 of 4 groups and A.X K1's, but
+    not for other ratios (``tests/test_hf_reference.py``). ``expert_bias`` enables
     aux-loss-free load balancing (a per-expert bias added to the selection scores only).
     Routing is per token and dropless (no capacity), which the exactness of packing relies on.
     """

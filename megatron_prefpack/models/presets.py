@@ -55,7 +55,7 @@ def _tiny_mla_moe() -> ModelConfig:
         mla=MLAConfig(q_lora_rank=16, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=8, v_head_dim=8),
         moe=MoEConfig(
             num_experts=8,
-            top_k=2,
+            top_k=4,  # of 2 groups: each group scored by its best 2, as in DeepSeek-V3
             expert_ffn_hidden_size=16,
             shared_expert_ffn_hidden_size=16,
             router="sigmoid_grouped",
