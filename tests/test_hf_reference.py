@@ -1,15 +1,23 @@
-"""The DeepSeek-V3 / A.X K1-shaped model against an independent implementation.
+"""The DeepSeek-V3 / A.X K1-shaped model against an independent implementation, and the
+Hugging Face checkpoint converter.
 
 Hugging Face transformers' ``DeepseekV3ForCausalLM`` (MLA with interleaved YaRN RoPE, sigmoid
-grouped routing with the score-correction bias, shared expert, dense first layer) is given
-random weights; the same weights go into this package's Megatron-Core model. Each response's
-log-probs from preference-packed rows must equal those of Hugging Face running prompt +
-response alone. The weight-name mapping here is the one a checkpoint converter needs.
+grouped routing with the score-correction bias, shared expert, dense first layer) gets random
+weights and is saved with ``save_pretrained``. Its weights reach this package's Megatron-Core
+model through ``models.hf_deepseek`` (in process) and through ``tools/convert_hf_checkpoint.py``
+(one process, expert parallel 2, uneven pipeline 2) plus ``dist_checkpointing``. Each response's
+log-probs from preference-packed rows must equal those of Hugging Face running prompt + response
+alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,55 +78,12 @@ def hf_config(cfg: ModelConfig):
     )
 
 
-def megatron_state_from_hf(hf: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face DeepSeek-V3 parameters under this package's (local-spec) names."""
-    src = {k: v.detach() for k, v in hf.state_dict().items()}
-    out = {
-        "embedding.word_embeddings.weight": src["model.embed_tokens.weight"],
-        "decoder.final_layernorm.weight": src["model.norm.weight"],
-        "output_layer.weight": src["lm_head.weight"],
-    }
-    attention = {
-        "q_a_proj": "linear_q_down_proj",
-        "q_a_layernorm": "q_layernorm",
-        "q_b_proj": "linear_q_up_proj",
-        "kv_a_proj_with_mqa": "linear_kv_down_proj",
-        "kv_a_layernorm": "kv_layernorm",
-        "kv_b_proj": "linear_kv_up_proj",
-        "o_proj": "linear_proj",
-    }
-
-    def mlp(hf_prefix: str, prefix: str) -> None:
-        gate, up = src[f"{hf_prefix}.gate_proj.weight"], src[f"{hf_prefix}.up_proj.weight"]
-        out[f"{prefix}.linear_fc1.weight"] = torch.cat([gate, up])  # Megatron's SwiGLU: [gate; up]
-        out[f"{prefix}.linear_fc2.weight"] = src[f"{hf_prefix}.down_proj.weight"]
-
-    for i in range(cfg.num_layers):
-        h, m = f"model.layers.{i}", f"decoder.layers.{i}"
-        out[f"{m}.input_layernorm.weight"] = src[f"{h}.input_layernorm.weight"]
-        out[f"{m}.pre_mlp_layernorm.weight"] = src[f"{h}.post_attention_layernorm.weight"]
-        for hf_name, name in attention.items():
-            out[f"{m}.self_attention.{name}.weight"] = src[f"{h}.self_attn.{hf_name}.weight"]
-        if i < cfg.moe.first_k_dense:
-            mlp(f"{h}.mlp", f"{m}.mlp")
-            continue
-        out[f"{m}.mlp.router.weight"] = src[f"{h}.mlp.gate.weight"]
-        out[f"{m}.mlp.router.expert_bias"] = src[f"{h}.mlp.gate.e_score_correction_bias"]
-        mlp(f"{h}.mlp.shared_experts", f"{m}.mlp.shared_experts")
-        for e in range(cfg.moe.num_experts):
-            # gate_up_proj[e] is already [gate; up]
-            out[f"{m}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = src[
-                f"{h}.mlp.experts.gate_up_proj"
-            ][e]
-            out[f"{m}.mlp.experts.local_experts.{e}.linear_fc2.weight"] = src[f"{h}.mlp.experts.down_proj"][e]
-    return out
+REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.usefixtures("megatron_single_process")
-def test_packed_logprobs_equal_hugging_face_deepseek_v3_run_alone() -> None:
-    from megatron_prefpack.models.builder import build_model
-    from megatron_prefpack.models.forward import model_forward
-
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A saved random DeepSeek-V3-shaped HF model and its log-probs for every response run alone."""
     cfg = deepseek_v3_shaped()
     torch.manual_seed(0)
     hf = transformers.DeepseekV3ForCausalLM(hf_config(cfg)).eval()
@@ -127,20 +92,146 @@ def test_packed_logprobs_equal_hugging_face_deepseek_v3_run_alone() -> None:
             param.copy_(torch.randn_like(param) * (0.5 if "norm" in name else 0.1) + ("norm" in name))
         for layer in hf.model.layers[cfg.moe.first_k_dense :]:
             layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(cfg.moe.num_experts) * 0.1)
-
-    model = build_model(cfg).eval()
-    missing, unexpected = model.load_state_dict(megatron_state_from_hf(hf, cfg), strict=False)
-    assert [k for k in missing if not k.endswith("_extra_state")] == [] and unexpected == []
-
-    groups = make_groups(seed=3, vocab_size=cfg.vocab_size)
+    directory = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(directory)
+    expected = {}
     with torch.no_grad():
-        packed = response_token_logprobs(
-            model_forward(model, make_batch(groups, "packed")), make_batch(groups, "packed")
-        )
-        for group in groups:
+        for group in make_groups(seed=3, vocab_size=cfg.vocab_size):
             for k in range(len(group.responses)):
                 alone = single_batch(group, k)
-                hf_logits = hf(input_ids=alone.tokens).logits
-                expected = response_token_logprobs(hf_logits, alone)[(group.group_id, k)]
-                diff = (packed[(group.group_id, k)] - expected).abs().max().item()
-                assert diff <= 1e-5, f"group {group.group_id} response {k}: max |diff| {diff:.3g}"
+                expected[(group.group_id, k)] = response_token_logprobs(
+                    hf(input_ids=alone.tokens).logits, alone
+                )[(group.group_id, k)]
+    return directory, expected
+
+
+def assert_packed_logprobs_match(model: torch.nn.Module, expected: dict) -> None:
+    from megatron_prefpack.models.forward import model_forward
+
+    cfg = deepseek_v3_shaped()
+    batch = make_batch(make_groups(seed=3, vocab_size=cfg.vocab_size), "packed")
+    with torch.no_grad():
+        packed = response_token_logprobs(model_forward(model.eval(), batch), batch)
+    assert packed.keys() == expected.keys()
+    for key, reference in expected.items():
+        diff = (packed[key] - reference).abs().max().item()
+        assert diff <= 1e-5, f"response {key}: max |diff| {diff:.3g}"
+
+
+def fused_expert_copy(source: Path, target: Path) -> Path:
+    """``source`` rewritten with experts fused (``mlp.experts.gate_up_proj``), transformers 5's
+    in-memory layout, to cover both storage formats."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(source / "model.safetensors", framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    fused: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name in list(tensors):
+        parts = name.split(".")
+        if len(parts) == 8 and parts[3:5] == ["mlp", "experts"]:
+            prefix = ".".join(parts[:5])
+            fused.setdefault(prefix, {}).setdefault(int(parts[5]), {})[parts[6]] = tensors.pop(name)
+    for prefix, experts in fused.items():
+        order = sorted(experts)
+        tensors[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]]) for e in order]
+        )
+        tensors[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in order])
+    target.mkdir()
+    save_file(tensors, target / "model.safetensors")
+    (target / "config.json").write_text((source / "config.json").read_text())
+    return target
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+@pytest.mark.parametrize("storage", ["per_expert", "fused"])
+def test_packed_logprobs_equal_hugging_face_run_alone(hf_checkpoint, storage, tmp_path) -> None:
+    from megatron_prefpack.models.builder import build_model
+    from megatron_prefpack.models.hf_deepseek import SafetensorsCheckpoint, fill_model, model_config_from_hf
+
+    directory, expected = hf_checkpoint
+    if storage == "fused":
+        directory = fused_expert_copy(directory, tmp_path / "fused")
+    cfg = model_config_from_hf(json.loads((directory / "config.json").read_text()))
+    assert cfg == deepseek_v3_shaped()
+    model = build_model(cfg)
+    source = SafetensorsCheckpoint(directory)
+    assert fill_model(model, source) == sum(isinstance(t, torch.Tensor) for t in model.state_dict().values())
+    assert source.used == set(source.files)
+    assert_packed_logprobs_match(model, expected)
+
+
+CONVERT_LAYOUTS = {
+    "one_process": (1, []),
+    "ep2": (2, ["--expert", "2"]),
+    "pp2_uneven": (2, ["--pipeline", "2", "--first-stage-layers", "1"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(CONVERT_LAYOUTS))
+def test_converted_checkpoint_loads_and_matches_hugging_face(hf_checkpoint, layout, tmp_path) -> None:
+    from megatron_prefpack.models.builder import build_model
+    from megatron_prefpack.platform import distributed as dist_platform
+    from megatron_prefpack.training import checkpoint
+    from megatron_prefpack.training.config import TrainConfig, model_config
+
+    directory, expected = hf_checkpoint
+    nproc, extra = CONVERT_LAYOUTS[layout]
+    script = [str(REPO / "tools" / "convert_hf_checkpoint.py")]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command = [*(launcher if nproc > 1 else [sys.executable]), *script]
+    output = tmp_path / "mcore"
+    args = ["--hf-dir", str(directory), "--output", str(output), "--dtype", "float32", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 checkpoint tensors not used" in done.stdout
+
+    import yaml
+
+    model_section = yaml.safe_load((output / "model.yaml").read_text())["model"]
+    cfg = model_config(TrainConfig(model=model_section))
+    assert dataclasses.replace(cfg, params_dtype="float32") == deepseek_v3_shaped()
+    dist_platform.initialize()
+    try:
+        model = build_model(cfg)
+        checkpoint.load(output, [model])
+        assert_packed_logprobs_match(model, expected)
+    finally:
+        dist_platform.destroy()
+
+
+def test_fp8_blocks_are_dequantized_with_their_inverse_scales() -> None:
+    from megatron_prefpack.models.hf_deepseek import dequantize_fp8
+
+    weight = torch.randn(200, 130)
+    scale_inv = torch.rand(2, 2) + 0.5
+    blocks = scale_inv.repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :130]
+    quantized = (weight / blocks).to(torch.float8_e4m3fn)
+    restored = dequantize_fp8(quantized, scale_inv)
+    torch.testing.assert_close(restored, quantized.float() * blocks)
+    assert (restored - weight).abs().max() <= 0.07 * weight.abs().max()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rope_interleave": False}, "rope_interleave=false"),
+        ({"norm_topk_prob": False}, "norm_topk_prob=false"),
+        ({"num_experts_per_tok": 2}, "num_experts_per_tok // topk_group = 2 // 2 != 2"),
+        ({"kv_lora_rank": None}, None),
+    ],
+)
+def test_config_translation_refuses_what_megatron_computes_differently(change, message) -> None:
+    from megatron_prefpack.models.hf_deepseek import ConversionError, model_config_from_hf
+
+    base = hf_config(deepseek_v3_shaped()).to_dict()
+    if message is None:  # a missing field
+        base.pop(next(iter(change)))
+        message = "missing field 'kv_lora_rank'"
+    else:
+        base.update(change)
+    with pytest.raises(ConversionError, match=message.replace("(", r"\(")):
+        model_config_from_hf(base)
