@@ -1,4 +1,4 @@
-"""``prefpack bench packing``."""
+"""``prefpack bench packing`` and ``prefpack bench step``."""
 
 from __future__ import annotations
 
@@ -109,3 +109,22 @@ def test_bench_packing_reports_bad_input(tmp_path, tiny_data, capsys):
     args = ["bench", "packing", "--data", str(bad), "--tokenizer", str(model), "--seq-len", "256"]
     assert main(args) == 2
     assert "bad.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_step_times_the_model_on_every_layout(tmp_path, capsys):
+    """A run on a tiny synthetic dataset: every layout timed, rows and token ratios consistent
+    with the packing (times are printed, never asserted)."""
+    from tests.test_train import make_dataset
+
+    data = make_dataset(tmp_path / "ds", num_groups=12)
+    args = ["bench", "step", "--data", str(data), "--preset", "tiny-moe", "--seq-len", "64"]
+    assert main([*args, "--groups", "8", "--repeats", "1", "--micro-batch-size", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    figures = result["layouts"]
+    assert result["groups"] == 8 and set(figures) == {"prefpack", "duplicated", "unpacked"}
+    assert figures["prefpack"]["rows"] <= figures["duplicated"]["rows"] < figures["unpacked"]["rows"] == 16
+    for entry in figures.values():
+        assert entry["seconds_per_pass"] > 0 and len(entry["seconds_all"]) == 1
+    assert figures["unpacked"]["time_ratio_vs_unpacked"] == 1.0
+    assert figures["prefpack"]["tokens_ratio_vs_duplicated"] < 1.0

@@ -1,5 +1,6 @@
 """``prefpack bench``: benchmarks. ``bench packing`` compares preference packing with the two
-baselines on a JSONL file of preference records, from token counts alone (no model).
+baselines on a JSONL file of preference records, from token counts alone (no model);
+``bench step`` times the model on the same comparison (:mod:`megatron_prefpack.training.bench_step`).
 
 For every layout it reports rows of length L, the padding fraction, tokens computed per
 group (rows * L / groups, what a dense per-row model pass costs), real (non-pad) tokens per
@@ -47,6 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     packing.add_argument("--seed", type=int, default=1234)
     packing.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    from megatron_prefpack.training import bench_step
+
+    step = sub.add_parser(
+        "step",
+        help="measured forward+backward time of a model: prefpack vs duplicated vs unpacked rows",
+        description=bench_step.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_step.add_arguments(step)
 
 
 def compare_layouts(
@@ -179,6 +189,14 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench == "step":
+        from megatron_prefpack.training import bench_step
+
+        return bench_step.run(args)
+    return _run_packing(args)
+
+
+def _run_packing(args: argparse.Namespace) -> int:
     from megatron_prefpack.data.records import InvalidRecord
     from megatron_prefpack.data.tokenizers import TokenizerError
 

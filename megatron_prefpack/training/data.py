@@ -44,7 +44,8 @@ class FirstResponseView:
         return group
 
 
-def _lengths(dataset: GroupDataset, group_ids: np.ndarray, first_only: bool) -> GroupLengths:
+def group_lengths(dataset: GroupDataset, group_ids: np.ndarray, first_only: bool = False) -> GroupLengths:
+    """The packer's view of ``group_ids`` (all responses, or only the first with ``first_only``)."""
     lengths = dataset.token_lengths()
     offsets = lengths.response_offsets
     if first_only:
@@ -121,8 +122,8 @@ def build_data(cfg: TrainConfig, tensor_parallel: int, context_parallel: int) ->
             sequence_parallel=cfg.parallel.sequence_parallel,
             skip_too_long=cfg.data.skip_too_long,
         )
-        train_plan = pack(_lengths(dataset, ids[~is_eval], first_only), packing)
-        eval_plan = pack(_lengths(dataset, ids[is_eval], first_only), packing) if is_eval.any() else None
+        train_plan = pack(group_lengths(dataset, ids[~is_eval], first_only), packing)
+        eval_plan = pack(group_lengths(dataset, ids[is_eval], first_only), packing) if is_eval.any() else None
     except ValueError as err:
         raise ConfigError(f"{cfg.source}: data: {err}") from None
     if train_plan.num_rows < cfg.data.global_batch_size:
