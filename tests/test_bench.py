@@ -111,6 +111,34 @@ def test_bench_packing_reports_bad_input(tmp_path, tiny_data, capsys):
     assert "bad.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("bench", "says"), [("packing", "from token counts alone"), ("step", "measured model time")]
+)
+def test_each_bench_has_its_own_help(bench, says, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["bench", bench, "--help"])
+    assert done.value.code == 0
+    assert f"usage: prefpack bench {bench}" in (out := capsys.readouterr().out) and says in out
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"--data": "/nonexistent/ds"}, "/nonexistent/ds: not a preprocessed dataset"),
+        ({"--groups": "0"}, "--groups must be >= 1"),
+        ({"--seq-len": "3"}, "no group fits a row of 3 tokens"),
+        ({"--preset": "nope"}, "unknown model preset 'nope'"),
+    ],
+)
+def test_bench_step_reports_bad_input(tmp_path, change, says, capsys):
+    from tests.test_train import make_dataset
+
+    args = {"--data": str(make_dataset(tmp_path / "ds", num_groups=2)), "--preset": "tiny-moe", **change}
+    assert main(["bench", "step", *(x for kv in args.items() for x in kv)]) == 2
+    captured = capsys.readouterr()
+    assert says in captured.err and not captured.out
+
+
 @pytest.mark.slow
 def test_bench_step_times_the_model_on_every_layout(tmp_path, capsys):
     """A run on a tiny synthetic dataset: every layout timed, rows and token ratios consistent

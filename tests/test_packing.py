@@ -153,6 +153,18 @@ def test_too_long_groups_error_or_skip():
     assert plan.skipped_group_ids == (8,)
 
 
+@settings(max_examples=60, deadline=None)
+@given(shapes=group_shapes, seq_len=st.integers(2, 40))
+def test_fits_every_layout_is_what_no_layout_skips(shapes, seq_len):
+    lengths = GroupLengths.from_groups(make_groups(shapes))
+    skipped = set()
+    for layout in LAYOUTS:
+        skipped.update(pack(lengths, PackingConfig(seq_len, layout, skip_too_long=True)).skipped_group_ids)
+    fits = lengths.fits_every_layout(seq_len)
+    assert fits.shape == (lengths.num_groups,)
+    assert {int(g) for g in lengths.group_ids[~fits]} == skipped
+
+
 def test_invalid_inputs_name_the_group():
     with pytest.raises(ValueError, match="group 3 has an empty response"):
         GroupLengths.from_arrays([4, 4], [[2], [2, 0]], group_ids=[2, 3])

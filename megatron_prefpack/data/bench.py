@@ -1,6 +1,5 @@
-"""``prefpack bench``: benchmarks. ``bench packing`` compares preference packing with the two
-baselines on a JSONL file of preference records, from token counts alone (no model);
-``bench step`` times the model on the same comparison (:mod:`megatron_prefpack.training.bench_step`).
+"""``prefpack bench packing``: preference packing against the two baselines on a JSONL file of
+preference records, from token counts alone (no model; ``prefpack bench step`` times a model).
 
 For every layout it reports rows of length L, the padding fraction, tokens computed per
 group (rows * L / groups, what a dense per-row model pass costs), real (non-pad) tokens per
@@ -9,8 +8,8 @@ a varlen kernel computes, exactly the True entries of ``layout.dense_mask`` on r
 with ratios against ``unpacked``. ``unpacked_sorted`` is the paper's batch sorting: the
 unpacked rows length-sorted and each micro-batch padded only to its longest row.
 
-All layouts are compared on the same groups: those that fit a row in every layout (the
-duplicated layout needs the most room). The others are counted per layout and excluded.
+All layouts are compared on the same groups: those that fit a row in every layout
+(:meth:`GroupLengths.fits_every_layout`). The others are counted per layout and excluded.
 """
 
 from __future__ import annotations
@@ -26,37 +25,21 @@ from megatron_prefpack.data.packing import LAYOUTS, GroupLengths, PackingConfig,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    packing = sub.add_parser(
-        "packing",
-        help="rows, padding, tokens and attention pairs per group: prefpack vs duplicated vs unpacked",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    packing.add_argument("--data", required=True, help="JSONL(.gz) file of preference records")
-    packing.add_argument(
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--data", required=True, help="JSONL(.gz) file of preference records")
+    parser.add_argument(
         "--tokenizer", required=True, help="SentencePiece .model, tokenizer.json or directory"
     )
-    packing.add_argument("--seq-len", type=int, required=True, help="row length L")
-    packing.add_argument("--max-prompt-len", type=int, default=None, help="keep the last N prompt tokens")
-    packing.add_argument(
-        "--max-response-len", type=int, default=None, help="keep the first N response tokens"
-    )
-    packing.add_argument("--chat-template", default=None, help="for chat records (see `prefpack preprocess`)")
-    packing.add_argument(
+    parser.add_argument("--seq-len", type=int, required=True, help="row length L")
+    parser.add_argument("--max-prompt-len", type=int, default=None, help="keep the last N prompt tokens")
+    parser.add_argument("--max-response-len", type=int, default=None, help="keep the first N response tokens")
+    parser.add_argument("--chat-template", default=None, help="for chat records (see `prefpack preprocess`)")
+    parser.add_argument(
         "--micro-batch-size", type=int, default=8, help="rows per micro-batch for unpacked_sorted (default 8)"
     )
-    packing.add_argument("--seed", type=int, default=1234)
-    packing.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    from megatron_prefpack.training import bench_step
-
-    step = sub.add_parser(
-        "step",
-        help="measured forward+backward time of a model: prefpack vs duplicated vs unpacked rows",
-        description=bench_step.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench_step.add_arguments(step)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def compare_layouts(
@@ -65,7 +48,7 @@ def compare_layouts(
     """Figures of the three layouts (and ``unpacked_sorted``) on the groups of ``lengths``
     that fit a row of ``seq_len`` in every layout. Returns a JSON-ready dict."""
     too_long = {layout: int((lengths.group_tokens(layout) > seq_len).sum()) for layout in LAYOUTS}
-    fits = np.flatnonzero(lengths.group_tokens("duplicated") <= seq_len)
+    fits = np.flatnonzero(lengths.fits_every_layout(seq_len))
     common = lengths.select(fits)
     result: dict[str, Any] = {
         "seq_len": seq_len,
@@ -189,14 +172,6 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.bench == "step":
-        from megatron_prefpack.training import bench_step
-
-        return bench_step.run(args)
-    return _run_packing(args)
-
-
-def _run_packing(args: argparse.Namespace) -> int:
     from megatron_prefpack.data.records import InvalidRecord
     from megatron_prefpack.data.tokenizers import TokenizerError
 

@@ -183,6 +183,11 @@ class GroupLengths:
             return rows
         return np.maximum.reduceat(rows, self.offsets[:-1])
 
+    def fits_every_layout(self, row_length: int) -> np.ndarray:
+        """(G,) True where the group fits a row of ``row_length`` tokens in every layout: the
+        groups on which layouts can be compared like for like (benchmarks)."""
+        return np.logical_and.reduce([self.group_tokens(layout) <= row_length for layout in LAYOUTS])
+
     def attention_pairs(self, layout: Layout) -> np.ndarray:
         """(G,) attention (query, key) pairs one group's real tokens compute in ``layout``."""
         prefix = self.prompt - 1

@@ -14,15 +14,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from megatron_prefpack.data.packing import LAYOUTS
+from megatron_prefpack.data.packing import LAYOUTS, GroupLengths, PackingConfig, pack
+
+if TYPE_CHECKING:
+    from megatron_prefpack.data.group_dataset import GroupDataset
+    from megatron_prefpack.models.config import ModelConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--data", required=True, help="a `prefpack preprocess` output directory")
     parser.add_argument("--preset", default="demo-moe", help="model preset (default demo-moe)")
     parser.add_argument("--seq-len", type=int, default=256, help="row length L (default 256)")
@@ -34,11 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _time_layout(
-    model: Any, data: Any, lengths: Any, layout: str, args: argparse.Namespace, device: Any
+    model: Any, data: GroupDataset, lengths: GroupLengths, layout: str, args: argparse.Namespace, device: Any
 ) -> dict:
     import torch
 
-    from megatron_prefpack.data.packing import PackingConfig, pack
     from megatron_prefpack.data.sampler import PackedRowDataset
     from megatron_prefpack.losses.logprobs import response_logprobs
     from megatron_prefpack.models.forward import model_forward
@@ -76,29 +82,68 @@ def _time_layout(
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
+def _inputs(args: argparse.Namespace) -> tuple[GroupDataset, GroupLengths, ModelConfig]:
+    """The dataset, the lengths of its first ``--groups`` groups that fit a row in every layout,
+    and the model config (vocabulary and positions grown to fit the data). Raises ``ValueError``
+    or ``OSError`` naming the bad argument or file."""
     from megatron_prefpack.data.group_dataset import GroupDataset
-    from megatron_prefpack.models.builder import build_model
     from megatron_prefpack.models.presets import preset
-    from megatron_prefpack.platform import distributed as platform
     from megatron_prefpack.training.data import group_lengths
 
+    for flag in ("seq_len", "groups", "micro_batch_size", "repeats"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    cfg = preset(args.preset)
     data = GroupDataset(args.data)
     lengths = group_lengths(data, np.arange(len(data)))
-    fits = np.flatnonzero(lengths.group_tokens("duplicated") <= args.seq_len)[: args.groups]
+    fits = np.flatnonzero(lengths.fits_every_layout(args.seq_len))[: args.groups]
     if len(fits) == 0:
-        print(f"prefpack bench step: no group of {args.data} fits a row of {args.seq_len} tokens")
-        return 2
-    lengths = lengths.select(fits)
+        raise ValueError(f"{args.data}: no group fits a row of {args.seq_len} tokens in every layout")
     vocab = int(data.info.get("tokenizer", {}).get("vocab_size", 0))
-    cfg = preset(args.preset)
     cfg = dataclasses.replace(
         cfg,
         vocab_size=max(vocab, cfg.vocab_size),
         max_position_embeddings=max(cfg.max_position_embeddings, args.seq_len),
     )
+    return data, lengths.select(fits), cfg
+
+
+def _add_ratios(figures: dict[str, dict], groups: int) -> None:
+    """Per layout: groups/s and the time and token ratios against unpacked and duplicated."""
+    for entry in figures.values():
+        entry["groups_per_s"] = groups / entry["seconds_per_pass"]
+        for base in ("unpacked", "duplicated"):
+            entry[f"time_ratio_vs_{base}"] = entry["seconds_per_pass"] / figures[base]["seconds_per_pass"]
+            entry[f"tokens_ratio_vs_{base}"] = entry["computed_tokens"] / figures[base]["computed_tokens"]
+
+
+def _format_table(result: dict[str, Any], repeats: int) -> str:
+    lines = [
+        f"{result['groups']} groups, rows of {result['seq_len']}, model {result['model']} on "
+        f"{result['device']}, median of {repeats} passes (forward + backward)",
+        f"{'layout':<12}{'rows':>6}{'s/pass':>9}{'groups/s':>10}{'time x unp':>12}{'tok x unp':>11}"
+        f"{'time x dup':>12}{'tok x dup':>11}",
+    ]
+    for layout, e in result["layouts"].items():
+        lines.append(
+            f"{layout:<12}{e['rows']:>6}{e['seconds_per_pass']:>9.3f}{e['groups_per_s']:>10.1f}"
+            f"{e['time_ratio_vs_unpacked']:>12.3f}{e['tokens_ratio_vs_unpacked']:>11.3f}"
+            f"{e['time_ratio_vs_duplicated']:>12.3f}{e['tokens_ratio_vs_duplicated']:>11.3f}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from megatron_prefpack.models.builder import build_model
+    from megatron_prefpack.platform import distributed as platform
+
+    try:
+        data, lengths, cfg = _inputs(args)
+    except (OSError, ValueError) as err:
+        print(f"prefpack bench step: error: {err}", file=sys.stderr)
+        return 2
     platform.initialize()
     try:
         torch.manual_seed(0)
@@ -107,33 +152,13 @@ def run(args: argparse.Namespace) -> int:
         figures = {layout: _time_layout(model, data, lengths, layout, args, device) for layout in LAYOUTS}
     finally:
         platform.destroy()
-    groups = len(fits)
-    for entry in figures.values():
-        entry["groups_per_s"] = groups / entry["seconds_per_pass"]
-        for base in ("unpacked", "duplicated"):
-            entry[f"time_ratio_vs_{base}"] = entry["seconds_per_pass"] / figures[base]["seconds_per_pass"]
-            entry[f"tokens_ratio_vs_{base}"] = entry["computed_tokens"] / figures[base]["computed_tokens"]
+    _add_ratios(figures, lengths.num_groups)
     result = {
         "model": cfg.name,
         "device": str(device),
         "seq_len": args.seq_len,
-        "groups": groups,
+        "groups": lengths.num_groups,
         "layouts": figures,
     }
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return 0
-    print(
-        f"{groups} groups, rows of {args.seq_len}, model {cfg.name} on {device}, "
-        f"median of {args.repeats} passes (forward + backward)"
-    )
-    print(
-        f"{'layout':<12}{'rows':>6}{'s/pass':>9}{'groups/s':>10}{'time x unp':>12}{'tok x unp':>11}{'time x dup':>12}{'tok x dup':>11}"
-    )
-    for layout, e in figures.items():
-        print(
-            f"{layout:<12}{e['rows']:>6}{e['seconds_per_pass']:>9.3f}{e['groups_per_s']:>10.1f}"
-            f"{e['time_ratio_vs_unpacked']:>12.3f}{e['tokens_ratio_vs_unpacked']:>11.3f}"
-            f"{e['time_ratio_vs_duplicated']:>12.3f}{e['tokens_ratio_vs_duplicated']:>11.3f}"
-        )
+    print(json.dumps(result, indent=1) if args.json else _format_table(result, args.repeats))
     return 0
