@@ -10,12 +10,48 @@ Field names of the Megatron configs are the same in megatron-core 0.16.1 and 0.1
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 POSITION_EMBEDDINGS = ("rope", "yarn", "learned")
 ROUTERS = ("softmax", "sigmoid_grouped")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ModelConfigError(ValueError):
+    """A bad model field: ``key`` is its dotted name (``moe.top_k``; ``model.moe.top_k`` from
+    :meth:`ModelConfig.from_dict`), ``reason`` says what is wrong; ``str()`` is ``key: reason``."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def _check_numbers(
+    obj: Any,
+    prefix: str,
+    at_least_one: Sequence[str] = (),
+    positive: Sequence[str] = (),
+    non_negative: Sequence[str] = (),
+) -> None:
+    """Every float field of dataclass ``obj`` is finite, and the named fields are in range
+    (None = unset, not checked). Raises :class:`ModelConfigError` naming ``prefix + field``."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ModelConfigError(f"{prefix}{f.name}", f"must be a finite number, got {value}")
+    for names, bound, holds in (
+        (at_least_one, ">= 1", lambda v: v >= 1),
+        (positive, "> 0", lambda v: v > 0),
+        (non_negative, ">= 0", lambda v: v >= 0),
+    ):
+        for name in names:
+            value = getattr(obj, name)
+            if value is not None and not holds(value):
+                raise ModelConfigError(f"{prefix}{name}", f"must be {bound}, got {value}")
 
 
 @dataclass
@@ -48,25 +84,43 @@ class MoEConfig:
     """A.X K1: an extra RMSNorm on the MoE block's output (routed + shared), before the residual add."""
 
     def validate(self) -> None:
+        """Raise :class:`ModelConfigError` naming the offending ``moe.`` field."""
+        _check_numbers(
+            self,
+            "moe.",
+            at_least_one=(
+                "num_experts",
+                "expert_ffn_hidden_size",
+                "shared_expert_ffn_hidden_size",
+                "num_groups",
+            ),
+            positive=("routing_scaling_factor",),
+            non_negative=("expert_bias_update_rate", "aux_loss_coeff", "first_k_dense"),
+        )
         if self.router not in ROUTERS:
-            raise ValueError(f"moe.router: {self.router!r} is not one of {ROUTERS}")
+            raise ModelConfigError("moe.router", f"{self.router!r} is not one of {ROUTERS}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"moe.top_k: {self.top_k} must be in [1, num_experts={self.num_experts}]")
+            raise ModelConfigError(
+                "moe.top_k", f"{self.top_k} must be in [1, num_experts={self.num_experts}]"
+            )
         if self.router == "sigmoid_grouped":
             if not self.num_groups or not self.topk_groups:
-                raise ValueError(
-                    "moe.num_groups and moe.topk_groups are required for router 'sigmoid_grouped'"
+                raise ModelConfigError(
+                    "moe.num_groups",
+                    "moe.num_groups and moe.topk_groups are required for router 'sigmoid_grouped'",
                 )
             if self.num_experts % self.num_groups:
-                raise ValueError(
-                    f"moe.num_groups: {self.num_groups} does not divide num_experts={self.num_experts}"
+                raise ModelConfigError(
+                    "moe.num_groups", f"{self.num_groups} does not divide num_experts={self.num_experts}"
                 )
             if not 1 <= self.topk_groups <= self.num_groups:
-                raise ValueError(f"moe.topk_groups: {self.topk_groups} must be in [1, {self.num_groups}]")
+                raise ModelConfigError(
+                    "moe.topk_groups", f"{self.topk_groups} must be in [1, {self.num_groups}]"
+                )
         if self.expert_bias and self.router != "sigmoid_grouped":
-            raise ValueError("moe.expert_bias: aux-loss-free expert bias needs router 'sigmoid_grouped'")
-        if self.first_k_dense < 0:
-            raise ValueError(f"moe.first_k_dense: {self.first_k_dense} must be >= 0")
+            raise ModelConfigError(
+                "moe.expert_bias", "aux-loss-free expert bias needs router 'sigmoid_grouped'"
+            )
 
 
 @dataclass
@@ -79,6 +133,14 @@ class MLAConfig:
     v_head_dim: int
     q_lora_rank: int | None = None
 
+    def validate(self) -> None:
+        """Raise :class:`ModelConfigError` naming the offending ``mla.`` field."""
+        _check_numbers(
+            self,
+            "mla.",
+            at_least_one=("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "q_lora_rank"),
+        )
+
 
 @dataclass
 class YarnConfig:
@@ -90,6 +152,12 @@ class YarnConfig:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+
+    def validate(self) -> None:
+        """Raise :class:`ModelConfigError` naming the offending ``yarn.`` field."""
+        _check_numbers(
+            self, "yarn.", at_least_one=("original_max_position_embeddings",), positive=("scaling_factor",)
+        )
 
 
 @dataclass
@@ -125,28 +193,57 @@ class ModelConfig:
     name: str = field(default="custom", compare=False)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the offending field."""
+        """Raise :class:`ModelConfigError` naming the offending field (sizes >= 1, floats
+        finite and in range, choices known, fields that must agree agreeing)."""
+        self._check_sizes()
         if self.position_embedding not in POSITION_EMBEDDINGS:
-            raise ValueError(
-                f"position_embedding: {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}"
+            raise ModelConfigError(
+                "position_embedding", f"{self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}"
             )
         if self.position_embedding == "yarn" and self.mla is None:
-            raise ValueError("position_embedding: 'yarn' is supported with MLA only (set mla)")
+            raise ModelConfigError("position_embedding", "'yarn' is supported with MLA only (set mla)")
         if self.position_embedding == "learned" and self.mla is not None:
-            raise ValueError("position_embedding: MLA needs 'rope' or 'yarn', not 'learned'")
+            raise ModelConfigError("position_embedding", "MLA needs 'rope' or 'yarn', not 'learned'")
         if self.params_dtype not in DTYPES:
-            raise ValueError(f"params_dtype: {self.params_dtype!r} is not one of {DTYPES}")
+            raise ModelConfigError("params_dtype", f"{self.params_dtype!r} is not one of {DTYPES}")
         groups = self.num_query_groups or self.num_attention_heads
         if self.num_attention_heads % groups:
-            raise ValueError(
-                f"num_query_groups: {groups} does not divide num_attention_heads={self.num_attention_heads}"
+            raise ModelConfigError(
+                "num_query_groups", f"{groups} does not divide num_attention_heads={self.num_attention_heads}"
             )
-        if self.moe is not None:
-            self.moe.validate()
-            if self.moe.first_k_dense > self.num_layers:
-                raise ValueError(
-                    f"moe.first_k_dense: {self.moe.first_k_dense} > num_layers={self.num_layers}"
-                )
+        for section in (self.moe, self.mla, self.yarn):
+            if section is not None:
+                section.validate()
+        if self.moe is not None and self.moe.first_k_dense > self.num_layers:
+            raise ModelConfigError(
+                "moe.first_k_dense", f"{self.moe.first_k_dense} > num_layers={self.num_layers}"
+            )
+
+    def _check_sizes(self) -> None:
+        _check_numbers(
+            self,
+            "",
+            at_least_one=(
+                "num_layers",
+                "hidden_size",
+                "ffn_hidden_size",
+                "num_attention_heads",
+                "vocab_size",
+                "max_position_embeddings",
+                "num_query_groups",
+                "kv_channels",
+            ),
+            positive=("rotary_base", "norm_epsilon", "init_method_std"),
+        )
+        if not 0 < self.rotary_percent <= 1:
+            raise ModelConfigError("rotary_percent", f"must be in (0, 1], got {self.rotary_percent}")
+        # Megatron derives the head size as hidden_size // num_attention_heads when it is not given.
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ModelConfigError(
+                "hidden_size",
+                f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads} "
+                "(or set kv_channels)",
+            )
 
     @property
     def is_moe(self) -> bool:
@@ -163,7 +260,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> ModelConfig:
-        """Build from a plain mapping (e.g. a YAML section). Unknown keys raise, naming ``where.key``."""
+        """Build from a plain mapping (e.g. a YAML section) and validate it. Raises
+        :class:`ModelConfigError` with ``key`` = ``where.field`` (unknown, missing or bad)."""
         nested = {"moe": MoEConfig, "mla": MLAConfig, "yarn": YarnConfig}
         kwargs = _checked_kwargs(cls, data, where)
         for key, sub in nested.items():
@@ -172,18 +270,18 @@ class ModelConfig:
         cfg = cls(**kwargs)
         try:
             cfg.validate()
-        except ValueError as exc:
-            raise ValueError(f"{where}.{exc}") from None
+        except ModelConfigError as exc:
+            raise ModelConfigError(f"{where}.{exc.key}", exc.reason) from None
         return cfg
 
 
 def _checked_kwargs(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise ModelConfigError(where, f"expected a mapping, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
+        raise ModelConfigError(f"{where}.{unknown[0]}", f"unknown field (known: {', '.join(sorted(names))})")
     required = {
         f.name
         for f in dataclasses.fields(cls)
@@ -191,7 +289,7 @@ def _checked_kwargs(cls: type, data: dict[str, Any], where: str) -> dict[str, An
     }
     missing = sorted(required - set(data))
     if missing:
-        raise ValueError(f"{where}.{missing[0]}: required field missing")
+        raise ModelConfigError(f"{where}.{missing[0]}", "required field missing")
     return dict(data)
 
 

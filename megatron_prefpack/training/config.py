@@ -8,26 +8,31 @@ A config file has one mapping per section (``run``, ``data``, ``model``, ``paral
 The ``model`` section names a preset and/or any :class:`~megatron_prefpack.models.ModelConfig`
 field (``model.preset: tiny-moe`` plus ``model.num_layers: 4`` = the preset with 4 layers).
 
-Every error is a :class:`ConfigError` naming the config file, the line where known and the
-dotted key, e.g. ``demo.yaml:12: optimizer.lrr: unknown key (did you mean 'lr'?)``.
+Every error is a :class:`ConfigError` naming where the value came from and the dotted key:
+the config file and line (``demo.yaml:12: optimizer.lrr: unknown key (did you mean 'lr'?)``)
+or the override (``override 'optimizer.lr=inf': optimizer.lr: must be a finite number > 0,
+got inf``). Every number must be finite; ranges are checked before any work.
 :func:`check_parallel_layout` checks the parallel layout against the world size and model
-once both are known (at start-up of ``prefpack train``).
+once both are known (at start-up of ``prefpack train``). :func:`config_from_yaml` reads the
+config a checkpoint stored and :func:`resume_changes` says what a resume may change.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
 from megatron_prefpack.losses.dpo import DPOConfig
+from megatron_prefpack.models.config import ModelConfigError
 
 
 class ConfigError(ValueError):
@@ -49,6 +54,11 @@ class RunConfig:
     seed: int = 1234
     tensorboard: bool = True
     """Write TensorBoard events when ``tensorboard`` is installed."""
+    max_nonfinite_steps: int = 3
+    """An optimizer step whose loss or grad norm is not finite is skipped (no update); this many
+    such steps in a row stop the run with a non-zero exit naming the step."""
+    timeout_minutes: float = 30.0
+    """Collective timeout: a hung or stalled peer ends the job (non-zero exit) after this long."""
 
 
 @dataclass
@@ -172,25 +182,32 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    source: str = "<defaults>"
+    source: str = field(default="<defaults>", compare=False)
     """The config file this was loaded from (for error messages); not a config key."""
-    lines: dict[str, int] = field(default_factory=dict, repr=False)
-    """Dotted key -> line in ``source``; not a config key."""
+    origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    """Dotted key -> where its value was set: ``file:line`` or ``override 'key=value'``, in
+    the order they were set (overrides last); not a config key."""
 
     @property
     def save_dir(self) -> Path:
         return Path(self.checkpoint.save or Path(self.run.dir) / "checkpoints")
 
 
-_NOT_KEYS = {"source", "lines"}
+_NOT_KEYS = {"source", "origins"}
 
 
 # ----------------------------------------------------------------------------- parsing
 
 
-def _where(source: str, lines: dict[str, int], key: str) -> str:
-    line = lines.get(key)
-    return f"{source}:{line}: {key}" if line else f"{source}: {key}"
+def _origin(origins: dict[str, str], keys: Iterable[str], fallback: str) -> str:
+    """Where the value of ``keys`` came from: the origin of the one set last, else ``fallback``."""
+    rank = {key: i for i, key in enumerate(origins)}
+    given = [key for key in keys if key in rank]
+    return origins[max(given, key=rank.__getitem__)] if given else fallback
+
+
+def _where(origins: dict[str, str], key: str, fallback: str) -> str:
+    return f"{_origin(origins, [key], fallback)}: {key}"
 
 
 def _yaml_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
@@ -279,23 +296,24 @@ def _dataclass_type(tp: Any) -> type | None:
     return None
 
 
-def _checked(cls: type, mapping: Any, prefix: str, source: str, lines: dict[str, int]) -> dict[str, Any]:
+def _checked(cls: type, mapping: Any, prefix: str, origins: dict[str, str], source: str) -> dict[str, Any]:
     """Type-check ``mapping`` against the fields of dataclass ``cls``; nested dataclass fields
-    given as mappings are checked recursively (and stay mappings). Returns the coerced mapping."""
+    given as mappings are checked recursively (and stay mappings). Returns the coerced mapping.
+    Errors name ``origins[key]``, else ``source``."""
     if not isinstance(mapping, dict):
-        where = _where(source, lines, prefix.rstrip(".")) if prefix else source
+        where = _where(origins, prefix.rstrip("."), source) if prefix else source
         raise ConfigError(f"{where}: expected a mapping of keys, got {mapping!r}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls) if f.name not in _NOT_KEYS]
     out: dict[str, Any] = {}
     for key, value in mapping.items():
         dotted = f"{prefix}{key}"
-        where = _where(source, lines, dotted)
+        where = _where(origins, dotted, source)
         if key not in known:
             raise _unknown_key(where, str(key), known)
         nested = _dataclass_type(hints[key])
         if nested is not None and isinstance(value, dict):
-            out[key] = _checked(nested, value, dotted + ".", source, lines)
+            out[key] = _checked(nested, value, dotted + ".", origins, source)
         elif nested is not None and value is not None:
             raise ConfigError(f"{where}: expected a mapping of {nested.__name__} fields, got {value!r}")
         elif nested is None and key == "model" and cls is TrainConfig:
@@ -307,14 +325,14 @@ def _checked(cls: type, mapping: Any, prefix: str, source: str, lines: dict[str,
     return out
 
 
-def _merged(obj: Any, values: dict[str, Any], prefix: str, source: str, lines: dict[str, int]) -> Any:
+def _merged(obj: Any, values: dict[str, Any], prefix: str, origins: dict[str, str], source: str) -> Any:
     """A copy of dataclass ``obj`` with checked ``values`` applied (frozen dataclasses too);
     a ``ValueError`` from the dataclass's own validation names the section."""
     changes: dict[str, Any] = {}
     for key, value in values.items():
         current = getattr(obj, key)
         if isinstance(value, dict) and dataclasses.is_dataclass(current):
-            changes[key] = _merged(current, value, f"{prefix}{key}.", source, lines)
+            changes[key] = _merged(current, value, f"{prefix}{key}.", origins, source)
         elif isinstance(value, dict) and isinstance(current, dict):
             changes[key] = {**current, **value}
         else:
@@ -323,11 +341,15 @@ def _merged(obj: Any, values: dict[str, Any], prefix: str, source: str, lines: d
         return dataclasses.replace(obj, **changes)
     except ValueError as err:
         section = prefix.rstrip(".")
-        raise ConfigError(f"{_where(source, lines, section)}: {err}") from None
+        raise ConfigError(f"{_where(origins, section, source)}: {err}") from None
 
 
-def _apply(cfg: TrainConfig, mapping: Any, source: str, lines: dict[str, int]) -> TrainConfig:
-    return _merged(cfg, _checked(TrainConfig, mapping, "", source, lines), "", source, lines)
+def _apply(cfg: TrainConfig, mapping: Any, origins: dict[str, str], source: str) -> TrainConfig:
+    """``cfg`` with ``mapping`` (from ``source``, keys set at ``origins``) applied; the keys of
+    ``origins`` become the newest in ``cfg.origins``."""
+    merged = _merged(cfg, _checked(TrainConfig, mapping, "", origins, source), "", origins, source)
+    kept = {key: where for key, where in cfg.origins.items() if key not in origins}
+    return dataclasses.replace(merged, origins=kept | origins)
 
 
 def _parse_scalar(text: str) -> Any:
@@ -347,19 +369,44 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _dotted_keys(key: str, value: Any) -> Iterator[str]:
+    """``key`` and, when ``value`` is a mapping, the dotted keys inside it."""
+    yield key
+    if isinstance(value, dict):
+        for sub, sub_value in value.items():
+            yield from _dotted_keys(f"{key}.{sub}", sub_value)
+
+
 def apply_override(cfg: TrainConfig, override: str) -> TrainConfig:
-    """Apply one ``a.b=value`` override (value parsed as a YAML scalar, then type-checked)."""
+    """Apply one ``a.b=value`` override (value parsed as a YAML scalar, then type-checked).
+
+    The override becomes the origin of ``a.b`` (and of the keys inside a mapping value)."""
     key, sep, text = override.partition("=")
     where = f"override {override!r}"
     if not sep or not key:
         raise ConfigError(f"{where}: expected KEY=VALUE with a dotted key, e.g. optimizer.lr=1e-4")
-    parts = key.strip().split(".")
-    nested: Any = _parse_scalar(text)
+    key = key.strip()
+    parts = key.split(".")
+    value = _parse_scalar(text)
+    nested: Any = value
     for part in reversed(parts):
         nested = {part: nested}
     if parts[0] == "model" and len(parts) > 2:  # model.moe.top_k: merge into the nested mapping
         nested = {"model": _deep_merge(cfg.model, nested["model"])}
-    return _apply(cfg, nested, where, {})
+    return _apply(cfg, nested, dict.fromkeys(_dotted_keys(key, value), where), where)
+
+
+def _parse(text: str, source: str) -> TrainConfig:
+    """The defaults with the YAML ``text`` (read from ``source``) applied; type-checked only."""
+    try:
+        data = yaml.safe_load(text)
+        lines = _yaml_lines(yaml.compose(text)) if data else {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from err
+    cfg = TrainConfig(source=source)
+    if data is None:
+        return cfg
+    return _apply(cfg, data, {key: f"{source}:{line}" for key, line in lines.items()}, source)
 
 
 def load_config(
@@ -371,74 +418,143 @@ def load_config(
     ref-logprobs`` writes the file that section names). Raises :class:`ConfigError`."""
     cfg = TrainConfig()
     if path is not None:
-        source = str(path)
         try:
             text = Path(path).read_text()
         except OSError as err:
-            raise ConfigError(f"{source}: cannot read config file ({err.strerror})") from err
-        try:
-            data = yaml.safe_load(text)
-            lines = _yaml_lines(yaml.compose(text)) if data else {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: not valid YAML: {err}") from err
-        cfg = dataclasses.replace(cfg, source=source, lines=lines)
-        if data is not None:
-            cfg = _apply(cfg, data, source, lines)
+            raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from err
+        cfg = _parse(text, str(path))
     for override in overrides:
         cfg = apply_override(cfg, override)
     check_config(cfg, check_reference)
     return cfg
 
 
+def config_from_yaml(text: str, source: str) -> TrainConfig:
+    """The config :func:`to_yaml` wrote (e.g. the one a checkpoint stores), read back from
+    ``text``; ``source`` names it in errors. Values and the model are checked as by
+    :func:`load_config`, but no file it names need exist (paths may have moved since).
+    Raises :class:`ConfigError`."""
+    cfg = _parse(text, source)
+    _check_values(cfg)
+    model_config(cfg)
+    return cfg
+
+
 # ----------------------------------------------------------------------------- checks
 
 
-def _fail(cfg: TrainConfig, key: str, message: str) -> ConfigError:
-    return ConfigError(f"{_where(cfg.source, cfg.lines, key)}: {message}")
+def config_error(cfg: TrainConfig, key: str, message: str, related: Iterable[str] = ()) -> ConfigError:
+    """A :class:`ConfigError` ``<origin>: <key>: <message>``. The origin is where the value was
+    set (``file:line`` or the override), of ``key`` and the ``related`` keys the one set last
+    (an override beats the file); the config file when none was set explicitly."""
+    return ConfigError(f"{_origin(cfg.origins, [key, *related], cfg.source)}: {key}: {message}")
 
 
-def check_config(cfg: TrainConfig, check_reference: bool = True) -> None:
-    """Checks that need no world size: values in range, files present, model resolvable."""
-    positive = {
-        "run.train_steps": cfg.run.train_steps,
-        "run.log_interval": cfg.run.log_interval,
-        "data.seq_len": cfg.data.seq_len,
-        "data.micro_batch_size": cfg.data.micro_batch_size,
-        "data.global_batch_size": cfg.data.global_batch_size,
-        "parallel.tensor": cfg.parallel.tensor,
-        "parallel.pipeline": cfg.parallel.pipeline,
-        "parallel.context": cfg.parallel.context,
-        "parallel.expert": cfg.parallel.expert,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise _fail(cfg, key, f"must be >= 1, got {value}")
-    for key, value in {
-        "run.eval_interval": cfg.run.eval_interval,
-        "run.eval_batches": cfg.run.eval_batches,
-        "checkpoint.interval": cfg.checkpoint.interval,
-        "checkpoint.keep": cfg.checkpoint.keep,
-        "optimizer.warmup_steps": cfg.optimizer.warmup_steps,
-    }.items():
-        if value < 0:
-            raise _fail(cfg, key, f"must be >= 0, got {value}")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise _fail(cfg, "data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
-    if cfg.optimizer.lr <= 0 or not 0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr:
-        raise _fail(cfg, "optimizer.min_lr", "need 0 <= min_lr <= lr and lr > 0")
+def _at_least(bound: int) -> tuple[str, Callable[[Any], bool]]:
+    return f">= {bound}", lambda value: value >= bound
+
+
+def _in_unit_interval() -> tuple[str, Callable[[Any], bool]]:
+    return "in [0, 1)", lambda value: 0 <= value < 1
+
+
+_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "run.train_steps": _at_least(1),
+    "run.log_interval": _at_least(1),
+    "run.seed": _at_least(0),
+    "run.eval_interval": _at_least(0),
+    "run.eval_batches": _at_least(0),
+    "run.max_nonfinite_steps": _at_least(1),
+    "run.timeout_minutes": ("> 0", lambda value: value > 0),
+    "data.eval_fraction": _in_unit_interval(),
+    "data.seq_len": _at_least(1),
+    "data.micro_batch_size": _at_least(1),
+    "data.global_batch_size": _at_least(1),
+    "parallel.tensor": _at_least(1),
+    "parallel.pipeline": _at_least(1),
+    "parallel.virtual_pipeline": _at_least(1),
+    "parallel.context": _at_least(1),
+    "parallel.expert": _at_least(1),
+    "optimizer.lr": ("> 0", lambda value: value > 0),
+    "optimizer.min_lr": _at_least(0),
+    "optimizer.warmup_steps": _at_least(0),
+    "optimizer.decay_steps": _at_least(1),
+    "optimizer.weight_decay": _at_least(0),
+    "optimizer.clip_grad": (">= 0 (0: no clipping)", lambda value: value >= 0),
+    "optimizer.adam_beta1": _in_unit_interval(),
+    "optimizer.adam_beta2": _in_unit_interval(),
+    "optimizer.adam_eps": ("> 0", lambda value: value > 0),
+    "objective.rm.center_coefficient": _at_least(0),
+    "objective.rm.head_init_std": ("> 0", lambda value: value > 0),
+    "checkpoint.interval": _at_least(0),
+    "checkpoint.keep": _at_least(0),
+}
+"""Dotted key -> (the allowed range in words, its test); None values (unset) are not checked.
+``objective.dpo`` ranges are :class:`DPOConfig`'s own; the model's are ``ModelConfig``'s."""
+
+
+def _leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every setting in dataclass ``obj``, nested dataclasses walked;
+    fields with ``compare=False`` (bookkeeping such as ``source``) are not settings."""
+    for f in dataclasses.fields(obj):
+        if not f.compare:
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def _range_error(key: str, value: Any) -> str | None:
+    """Why ``value`` is not allowed for ``key`` (None: it is); only numbers are checked here."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    bound, holds = _RANGES.get(key, ("", lambda _: True))
+    is_float = isinstance(value, float)
+    if (not is_float or math.isfinite(value)) and holds(value):
+        return None
+    wanted = " ".join(filter(None, ("a finite number" if is_float else "", bound)))
+    return f"must be {wanted}, got {value}"
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Every number finite and in range, the keys that must agree agreeing (no files read)."""
+    for key, value in _leaves(cfg):
+        error = _range_error(key, value)
+        if error:
+            raise config_error(cfg, key, error)
+    if cfg.optimizer.min_lr > cfg.optimizer.lr:
+        raise config_error(
+            cfg,
+            "optimizer.min_lr",
+            f"{cfg.optimizer.min_lr} is above optimizer.lr {cfg.optimizer.lr}",
+            related=["optimizer.lr"],
+        )
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
-        raise _fail(
+        raise config_error(
             cfg,
             "data.global_batch_size",
             f"{cfg.data.global_batch_size} is not a multiple of data.micro_batch_size "
             f"{cfg.data.micro_batch_size}",
+            related=["data.micro_batch_size"],
         )
+
+
+def _check_files(cfg: TrainConfig) -> None:
+    """The dataset directory and the checkpoint to load exist."""
     if not cfg.data.path:
-        raise _fail(cfg, "data.path", "required: the preprocessed dataset directory")
+        raise config_error(cfg, "data.path", "required: the preprocessed dataset directory")
     if not Path(cfg.data.path).is_dir():
-        raise _fail(cfg, "data.path", f"no such dataset directory: {cfg.data.path}")
+        raise config_error(cfg, "data.path", f"no such dataset directory: {cfg.data.path}")
     if cfg.checkpoint.load is not None and not Path(cfg.checkpoint.load).exists():
-        raise _fail(cfg, "checkpoint.load", f"no such checkpoint: {cfg.checkpoint.load}")
+        raise config_error(cfg, "checkpoint.load", f"no such checkpoint: {cfg.checkpoint.load}")
+
+
+def check_config(cfg: TrainConfig, check_reference: bool = True) -> None:
+    """Checks that need no world size: values in range, files present, model resolvable."""
+    _check_values(cfg)
+    _check_files(cfg)
     if check_reference:
         _check_reference(cfg)
     model_config(cfg)
@@ -448,14 +564,14 @@ def _check_reference(cfg: TrainConfig) -> None:
     ref = cfg.reference
     needs_reference = cfg.objective.type == "dpo" and cfg.objective.dpo.needs_reference
     if needs_reference and ref.mode == "none":
-        raise _fail(cfg, "reference.mode", "DPO needs reference log-probs: 'offline' or 'online'")
+        raise config_error(cfg, "reference.mode", "DPO needs reference log-probs: 'offline' or 'online'")
     if ref.mode == "offline":
         if ref.path is None:
-            raise _fail(cfg, "reference.path", "offline reference needs the ref-logprobs file")
+            raise config_error(cfg, "reference.path", "offline reference needs the ref-logprobs file")
         if not Path(ref.path).exists():
-            raise _fail(cfg, "reference.path", f"no such file: {ref.path}")
+            raise config_error(cfg, "reference.path", f"no such file: {ref.path}")
     if ref.load is not None and not Path(ref.load).exists():
-        raise _fail(cfg, "reference.load", f"no such checkpoint: {ref.load}")
+        raise config_error(cfg, "reference.load", f"no such checkpoint: {ref.load}")
 
 
 def model_config(cfg: TrainConfig) -> Any:
@@ -472,15 +588,18 @@ def model_config(cfg: TrainConfig) -> Any:
         if preset not in presets.PRESETS:
             close = difflib.get_close_matches(str(preset), list(presets.PRESETS), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise _fail(
+            raise config_error(
                 cfg, "model.preset", f"unknown preset {preset!r}{hint}; known: {', '.join(presets.PRESETS)}"
             )
         base = dataclasses.asdict(presets.preset(preset))
-    checked = _checked(ModelConfig, section, "model.", cfg.source, cfg.lines)
+    checked = _checked(ModelConfig, section, "model.", cfg.origins, cfg.source)
     try:
         return ModelConfig.from_dict(_deep_merge(base, checked), where="model")
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"{cfg.source}: {err}") from None
+    except ModelConfigError as err:
+        # A field the preset set can be wrong because of another one the config set.
+        explicit = err.key in cfg.origins
+        related = () if explicit else [key for key in cfg.origins if key.startswith("model.")]
+        raise config_error(cfg, err.key, err.reason, related) from None
 
 
 def check_parallel_layout(cfg: TrainConfig, world_size: int, model: Any) -> int:
@@ -490,51 +609,55 @@ def check_parallel_layout(cfg: TrainConfig, world_size: int, model: Any) -> int:
     par = cfg.parallel
     model_parallel = par.tensor * par.pipeline * par.context
     if world_size % model_parallel:
-        raise _fail(
+        raise config_error(
             cfg,
             "parallel",
             f"tensor*pipeline*context = {par.tensor}*{par.pipeline}*{par.context} = {model_parallel} "
             f"does not divide the world size {world_size}",
+            related=["parallel.tensor", "parallel.pipeline", "parallel.context"],
         )
     dp = world_size // model_parallel
     # Expert tensor parallelism equals TP, so experts are spread over the data x context ranks.
     if (dp * par.context) % par.expert:
-        raise _fail(
+        raise config_error(
             cfg,
             "parallel.expert",
             f"{par.expert} does not divide data*context = {dp * par.context} ranks (world {world_size})",
         )
     heads = model.num_attention_heads
     if heads % par.tensor:
-        raise _fail(cfg, "parallel.tensor", f"{par.tensor} does not divide the {heads} attention heads")
+        raise config_error(
+            cfg, "parallel.tensor", f"{par.tensor} does not divide the {heads} attention heads"
+        )
     groups = getattr(model, "num_query_groups", None)
     if groups and groups % par.tensor:
-        raise _fail(cfg, "parallel.tensor", f"{par.tensor} does not divide the {groups} query groups")
+        raise config_error(cfg, "parallel.tensor", f"{par.tensor} does not divide the {groups} query groups")
     experts = model.moe.num_experts if model.moe is not None else None
     if par.expert > 1 and not experts:
-        raise _fail(cfg, "parallel.expert", f"expert parallel {par.expert} needs an MoE model")
+        raise config_error(cfg, "parallel.expert", f"expert parallel {par.expert} needs an MoE model")
     if experts and experts % par.expert:
-        raise _fail(cfg, "parallel.expert", f"{par.expert} does not divide the {experts} experts")
+        raise config_error(cfg, "parallel.expert", f"{par.expert} does not divide the {experts} experts")
     _check_pipeline_split(cfg, model.num_layers)
     if par.virtual_pipeline is not None and par.pipeline < 2:
-        raise _fail(cfg, "parallel.virtual_pipeline", "needs parallel.pipeline >= 2")
+        raise config_error(cfg, "parallel.virtual_pipeline", "needs parallel.pipeline >= 2")
     if experts and par.tensor > 1 and not par.sequence_parallel:
-        raise _fail(
+        raise config_error(
             cfg, "parallel.sequence_parallel", "MoE with tensor parallel needs sequence_parallel: true"
         )
     if par.sequence_parallel and par.tensor == 1:
-        raise _fail(cfg, "parallel.sequence_parallel", "needs parallel.tensor > 1")
+        raise config_error(cfg, "parallel.sequence_parallel", "needs parallel.tensor > 1")
     shards = (par.tensor if par.sequence_parallel else 1) * (2 * par.context if par.context > 1 else 1)
     if cfg.data.seq_len % shards:
-        raise _fail(
+        raise config_error(
             cfg, "data.seq_len", f"{cfg.data.seq_len} is not divisible by {shards} (sequence/context shards)"
         )
     if cfg.data.global_batch_size % (cfg.data.micro_batch_size * dp):
-        raise _fail(
+        raise config_error(
             cfg,
             "data.global_batch_size",
             f"{cfg.data.global_batch_size} is not a multiple of micro_batch_size*data_parallel = "
             f"{cfg.data.micro_batch_size}*{dp}",
+            related=["data.micro_batch_size"],
         )
     return dp
 
@@ -548,7 +671,7 @@ def _check_pipeline_split(cfg: TrainConfig, num_layers: int) -> None:
     if not given:
         stages = par.pipeline * (par.virtual_pipeline or 1)
         if num_layers % stages:
-            raise _fail(
+            raise config_error(
                 cfg,
                 "parallel.pipeline",
                 f"pipeline*virtual_pipeline = {stages} does not divide the {num_layers} layers; "
@@ -557,11 +680,11 @@ def _check_pipeline_split(cfg: TrainConfig, num_layers: int) -> None:
         return
     for key, value in given.items():
         if par.pipeline < 2:
-            raise _fail(cfg, f"parallel.{key}", "needs parallel.pipeline >= 2")
+            raise config_error(cfg, f"parallel.{key}", "needs parallel.pipeline >= 2")
         if value < 1:
-            raise _fail(cfg, f"parallel.{key}", f"must be >= 1, got {value}")
+            raise config_error(cfg, f"parallel.{key}", f"must be >= 1, got {value}")
     if par.virtual_pipeline is not None:
-        raise _fail(
+        raise config_error(
             cfg, "parallel.virtual_pipeline", "is not supported with first/last_stage_layers (untested here)"
         )
     middle_stages = par.pipeline - len(given)
@@ -571,7 +694,7 @@ def _check_pipeline_split(cfg: TrainConfig, num_layers: int) -> None:
         or (middle_stages == 0 and middle_layers)
         or (middle_stages and (middle_layers == 0 or middle_layers % middle_stages))
     ):
-        raise _fail(
+        raise config_error(
             cfg,
             "parallel.pipeline",
             f"{middle_layers} of the {num_layers} layers are left for {middle_stages} other "
@@ -584,3 +707,66 @@ def to_yaml(cfg: TrainConfig) -> str:
     data = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_KEYS}
     plain = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in data.items()}
     return yaml.safe_dump(plain, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+class Change(NamedTuple):
+    """One setting that differs between a checkpoint's config and the current one."""
+
+    key: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.old} -> {self.new}"
+
+
+@dataclass
+class ResumeChanges:
+    """What differs on resume: ``refused`` changes stop the run, ``applied`` ones are taken."""
+
+    refused: list[Change] = field(default_factory=list)
+    applied: list[Change] = field(default_factory=list)
+
+
+_REFUSED_ON_RESUME = ("data", "model", "parallel", "objective", "reference.mode", "run.seed")
+_APPLIED_ON_RESUME = ("optimizer",)
+
+
+def _under(key: str, roots: Iterable[str]) -> bool:
+    return any(key == root or key.startswith(root + ".") for root in roots)
+
+
+def _settings(cfg: TrainConfig) -> dict[str, Any]:
+    """Dotted key -> value of every setting, ``model`` resolved into its ``ModelConfig`` fields
+    (so a preset and the same fields written out are equal)."""
+    flat = dict(_leaves(cfg))
+    del flat["model"]
+    return flat | dict(_leaves(model_config(cfg), "model."))
+
+
+def resume_changes(saved: TrainConfig, current: TrainConfig) -> ResumeChanges:
+    """Compare the config a checkpoint was written with (``saved``) to the ``current`` one.
+
+    Policy:
+
+    * refused (resuming would silently train on other inputs or mis-read the saved state):
+      any change in ``data.*`` (``data.path`` compared as written), the model (its resolved
+      ``ModelConfig``, not the way the config spells it), ``parallel.*``, ``objective.*``,
+      ``reference.mode`` and ``run.seed``;
+    * applied (the trainer takes them into the resumed schedule and announces them):
+      ``optimizer.*``;
+    * free, not reported: everything else (``run.train_steps``, intervals, ``run.dir``,
+      ``run.tensorboard``, ``run.timeout_minutes``, ``run.max_nonfinite_steps``,
+      ``checkpoint.*``, ``reference.path`` / ``reference.load``).
+
+    A setting only one side has is compared with None. Raises :class:`ConfigError` when either
+    model does not resolve."""
+    old, new = _settings(saved), _settings(current)
+    changes = [Change(key, old.get(key), new.get(key)) for key in old | new if old.get(key) != new.get(key)]
+    return ResumeChanges(
+        refused=[change for change in changes if _under(change.key, _REFUSED_ON_RESUME)],
+        applied=[change for change in changes if _under(change.key, _APPLIED_ON_RESUME)],
+    )
