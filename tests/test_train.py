@@ -95,8 +95,7 @@ def _save_initial_weights(args: list[str], path: str) -> None:
     from megatron_prefpack.platform import distributed as platform
     from megatron_prefpack.training import checkpoint
     from megatron_prefpack.training.config import load_config, model_config, to_yaml
-    from megatron_prefpack.training.model_setup import build_chunks, transformer_config
-    from megatron_prefpack.training.train import init_distributed
+    from megatron_prefpack.training.model_setup import build_chunks, init_distributed, transformer_config
 
     cfg = load_config(None, args)
     init_distributed(cfg)

@@ -80,7 +80,7 @@ def _check_layout(world_size: int, tp: int, pp: int, cp: int, ep: int, vpp: int 
         )
 
 
-def _init_process_group(env: LaunchEnv, backend: str, timeout_minutes: int) -> None:
+def _init_process_group(env: LaunchEnv, backend: str, timeout_minutes: float) -> None:
     timeout = timedelta(minutes=timeout_minutes)
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
         # A lone process needs no rendezvous: an in-memory store avoids picking a port.
@@ -100,7 +100,7 @@ def initialize(
     expert_parallel: int = 1,
     virtual_pipeline_parallel: int | None = None,
     seed: int = 1234,
-    timeout_minutes: int = 30,
+    timeout_minutes: float = 30.0,
 ) -> None:
     """Initialize ``torch.distributed``, Megatron's parallel state and the model-parallel RNG seeds.
 
@@ -110,6 +110,8 @@ def initialize(
     Seeds: the CPU generator gets ``seed`` on every rank, Megatron's tracker gets the usual
     per-TP/EP offsets (``model_parallel_cuda_manual_seed``), so weights initialized with
     ``use_cpu_initialization=True`` are identical slices of one master weight in every layout.
+    ``timeout_minutes`` bounds every collective of the process groups created here: a stalled
+    or dead peer makes the others raise instead of waiting forever.
     Raises ``ValueError`` for a layout that does not divide the world size.
     """
     from megatron.core import parallel_state

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from megatron_prefpack.data.batch import RowBatch
-from megatron_prefpack.data.group_dataset import GroupDataset
+from megatron_prefpack.data.group_dataset import KINDS, GroupDataset
 from megatron_prefpack.data.groups import TokenizedGroup
 from megatron_prefpack.data.packing import GroupLengths, PackingConfig, PackingPlan, pack, row_length_multiple
 from megatron_prefpack.data.sampler import PackedRowDataset, PackedRowSampler
@@ -103,9 +103,39 @@ class TrainData:
         return out
 
 
+def groups_without_preference(dataset: GroupDataset) -> np.ndarray:
+    """Group ids that do not prefer response 0 over response 1: ``multi`` groups (SFT targets),
+    groups with fewer than two responses, and ``ranked`` groups whose first response does not
+    score strictly higher than their second. ``pair`` groups are chosen-first by construction."""
+    kinds = dataset.kinds
+    too_few = dataset.token_lengths().num_responses < 2
+    bad = (kinds == KINDS.index("multi")) | too_few
+    for group_id in np.flatnonzero((kinds == KINDS.index("ranked")) & ~too_few):
+        scores = dataset.response_scores(int(group_id))
+        bad[group_id] = not scores[0] > scores[1]  # NaN compares False: no preference either
+    return np.flatnonzero(bad)
+
+
+def _check_preferences(cfg: TrainConfig, dataset: GroupDataset) -> None:
+    """DPO trains response 0 (chosen) against response 1 (rejected): every group must say so."""
+    bad = groups_without_preference(dataset)
+    if len(bad):
+        lines = [dataset[int(g)].meta["line"] for g in bad[:5]]
+        raise ConfigError(
+            f"{cfg.source}: objective.type: dpo trains each group's response 0 (chosen) against "
+            f"response 1 (rejected), but {len(bad)} of {len(dataset)} groups in {cfg.data.path} state "
+            f"no such preference ('multi' groups, or 'ranked' ones whose first response does not "
+            f"score strictly higher than the second; source lines {lines}). Train them with "
+            "objective.type rm or sft, or reorder/filter them before preprocessing"
+        )
+
+
 def build_data(cfg: TrainConfig, tensor_parallel: int, context_parallel: int) -> TrainData:
-    """Open ``cfg.data.path``, split, and pack both splits for the row length of this layout."""
+    """Open ``cfg.data.path``, split, and pack both splits for the row length of this layout.
+    DPO refuses a dataset with groups that state no preference (:func:`groups_without_preference`)."""
     dataset = GroupDataset(cfg.data.path)
+    if cfg.objective.type == "dpo":
+        _check_preferences(cfg, dataset)
     pad_id = int(dataset.info.get("tokenizer", {}).get("pad_id", 0))
     first_only = cfg.objective.type == "sft" and cfg.objective.sft.responses == "first"
     groups = FirstResponseView(dataset) if first_only else dataset

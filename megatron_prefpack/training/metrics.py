@@ -1,7 +1,8 @@
 """Training metrics: reduction over ranks, throughput estimates, and the three sinks.
 
 Every record goes to ``<run_dir>/metrics.jsonl`` (one JSON object per line:
-``{"split": "train"|"eval", "step": int, "time": float, ...}``), TensorBoard event files in
+``{"split": "train"|"eval", "step": int, "time": float, ...}``; a NaN or infinite value is
+written as the string ``"nan"``, ``"inf"`` or ``"-inf"``, never hidden as ``null``), TensorBoard event files in
 ``<run_dir>/tensorboard`` when ``tensorboard`` is installed and enabled, and, when asked
 (every ``run.log_interval`` steps), the console as one line. Only the
 rank that owns the logger (global rank 0) writes; metric values are made identical on every
@@ -109,9 +110,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"split": split, "step": step, "time": time.time()}
-        record.update(
-            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        )
+        record.update({k: _json_value(v) for k, v in metrics.items()})
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -131,6 +130,13 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _json_value(value: float) -> float | str:
+    """JSON has no NaN/inf: write them as strings that say what they were."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # 'nan', 'inf', '-inf'
+    return value
 
 
 def _fmt(value: float) -> str:

@@ -8,6 +8,7 @@ optimizer when configured) and ``OptimizerParamScheduler``.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,7 +16,33 @@ from megatron.core import parallel_state as ps
 
 from megatron_prefpack.models.builder import build_model
 from megatron_prefpack.models.config import ModelConfig
-from megatron_prefpack.training.config import TrainConfig
+from megatron_prefpack.training.config import ConfigError, TrainConfig
+
+
+def init_distributed(cfg: TrainConfig) -> None:
+    """torch.distributed and Megatron's parallel state for ``cfg.parallel`` (CPU: gloo)."""
+    from megatron_prefpack.platform import distributed as platform
+
+    par = cfg.parallel
+    try:
+        platform.initialize(
+            tensor_parallel=par.tensor,
+            pipeline_parallel=par.pipeline,
+            context_parallel=par.context,
+            expert_parallel=par.expert,
+            virtual_pipeline_parallel=par.virtual_pipeline,
+            seed=cfg.run.seed,
+            timeout_minutes=cfg.run.timeout_minutes,
+        )
+    except ValueError as err:
+        raise ConfigError(f"{cfg.source}: parallel: {err}") from None
+
+
+def make_model_forward(model_cfg: Any) -> Any:
+    """``(model, batch) -> output``: the prefix-shared forward with the model's attention backend."""
+    from megatron_prefpack.models.forward import model_forward
+
+    return partial(model_forward, backend=model_cfg.attention_backend)
 
 
 def transformer_config(cfg: TrainConfig, model_cfg: ModelConfig) -> Any:

@@ -3,8 +3,11 @@
 File format (offline): ``PATH`` is a ``.npy`` float64 array of shape ``(G, K)``, row ``g`` =
 group id ``g`` of the dataset, column ``k`` = response index; entry = the reference model's
 log-prob sum of that response given its prompt (NaN: response absent). Beside it,
-``PATH.json`` records the dataset, the model config and the checkpoint used. Keyed by
-``(group_id, response_index)``, it serves any packing layout, micro-batch size or resume.
+``PATH.json`` records the dataset (its path and content fingerprint), the model config and the
+checkpoint used (path, step, manifest digest). Keyed by ``(group_id, response_index)``, it
+serves any packing layout, micro-batch size or resume; a table whose recorded dataset
+fingerprint (or, when the run names ``reference.load``, checkpoint) differs from the run's is
+refused, so a table from another preprocessing of the same file cannot be used by mistake.
 
 Online: a frozen copy of the reference model runs a forward-only pipeline pass over the
 step's micro-batches before the policy's step; the last pipeline stage keeps the sums in a
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -35,21 +39,52 @@ class ReferenceLogps:
     """A ``(G, K)`` float64 table of reference log-prob sums (NaN = unknown); call it with a
     batch to get the ``(N,)`` float32 sums of the batch's responses."""
 
-    def __init__(self, table: np.ndarray, source: str = "<in memory>") -> None:
+    def __init__(self, table: np.ndarray, source: str = "<in memory>", header: dict | None = None) -> None:
         self.table = table
         self.source = source
+        self.header = header or {}
 
     @classmethod
-    def load(cls, path: str | Path, num_groups: int | None = None) -> ReferenceLogps:
-        """Read ``path``; with ``num_groups``, check that it covers that many groups."""
-        table = np.load(path, mmap_mode="r")
-        if table.ndim != 2 or table.dtype != np.float64:
-            raise ValueError(
-                f"{path}: expected a (groups, responses) float64 array, got {table.dtype} {table.shape}"
+    def load(cls, path: str | Path, dataset: Any, reference_load: str | None = None) -> ReferenceLogps:
+        """Read the table at ``path`` for ``dataset`` (a ``GroupDataset``), checking its header:
+        the dataset fingerprint and group count must match, and so must the reference
+        checkpoint when ``reference_load`` names one. Raises ``ConfigError`` naming the file."""
+        from megatron_prefpack.training.config import ConfigError
+
+        header_path = Path(f"{path}.json")
+        try:
+            header = json.loads(header_path.read_text())
+            table = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"{header_path if isinstance(err, json.JSONDecodeError) else path}: {err}"
+            ) from None
+        if header.get("format") != FORMAT or table.ndim != 2 or table.dtype != np.float64:
+            raise ConfigError(
+                f"{path}: not a {FORMAT} table (header format {header.get('format')!r}, array "
+                f"{table.dtype} {table.shape}); write it with prefpack ref-logprobs"
             )
-        if num_groups is not None and table.shape[0] != num_groups:
-            raise ValueError(f"{path}: has {table.shape[0]} groups, the dataset has {num_groups}")
-        return cls(table, str(path))
+        recorded = header.get("dataset_fingerprint")
+        if recorded != dataset.fingerprint or table.shape[0] != len(dataset):
+            raise ConfigError(
+                f"{path}: computed on dataset {header.get('dataset')} (fingerprint {str(recorded)[:16]}, "
+                f"{table.shape[0]} groups), but data.path is {dataset.directory} (fingerprint "
+                f"{dataset.fingerprint[:16]}, {len(dataset)} groups): recompute it with prefpack ref-logprobs"
+            )
+        if reference_load is not None:
+            wanted = checkpoint_identity(reference_load)
+            if header.get("checkpoint") != wanted:
+                raise ConfigError(
+                    f"{path}: computed from checkpoint {header.get('checkpoint')}, but reference.load "
+                    f"is {wanted}: recompute it, or drop reference.load"
+                )
+        return cls(table, str(path), header)
+
+    def describe(self) -> str:
+        """Where the table came from, for the log."""
+        ckpt = self.header.get("checkpoint")
+        origin = "a random initialisation" if ckpt is None else f"{ckpt['path']} (step {ckpt['step']})"
+        return f"{self.source}, computed from {origin}"
 
     def __call__(self, batch: RowBatch) -> torch.Tensor:
         gids = batch.response_group_ids.cpu().numpy()
@@ -64,6 +99,18 @@ class ReferenceLogps:
             pairs = list(zip(gids[missing].tolist(), ks[missing].tolist(), strict=True))[:5]
             raise ValueError(f"{self.source}: no reference log-prob for (group, response) {pairs}")
         return torch.from_numpy(values.astype(np.float32)).to(batch.tokens.device)
+
+
+def checkpoint_identity(load: str | Path) -> dict[str, Any]:
+    """What identifies a checkpoint's weights: resolved path, step and manifest digest."""
+    import hashlib
+
+    from megatron_prefpack.training import checkpoint
+
+    path = checkpoint.resolve(load)
+    manifest = path / checkpoint.MANIFEST
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    return {"path": str(path.resolve()), "step": checkpoint.read_state(path).step, "manifest_sha256": digest}
 
 
 def _reference_loss(batch: RowBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -143,14 +190,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_prefpack.data.group_dataset import DatasetError
+    from megatron_prefpack.training.checkpoint import CheckpointError
     from megatron_prefpack.training.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, [*args.set, *args.overrides], check_reference=False)
-    except ConfigError as err:
-        print(f"prefpack ref-logprobs: {err}")
+        load = args.load or cfg.reference.load or cfg.checkpoint.load
+        write_reference_logprobs(cfg, load, Path(args.output))
+    except (ConfigError, DatasetError, CheckpointError) as err:
+        print(f"prefpack ref-logprobs: {err}", file=sys.stderr)
         return 2
-    write_reference_logprobs(cfg, args.load or cfg.reference.load or cfg.checkpoint.load, Path(args.output))
     return 0
 
 
@@ -167,9 +217,13 @@ def write_reference_logprobs(cfg: Any, load: str | None, output: Path) -> Path:
     from megatron_prefpack.platform import distributed as platform
     from megatron_prefpack.training import checkpoint
     from megatron_prefpack.training.config import check_parallel_layout, model_config
-    from megatron_prefpack.training.model_setup import build_chunks, transformer_config
+    from megatron_prefpack.training.model_setup import (
+        build_chunks,
+        init_distributed,
+        make_model_forward,
+        transformer_config,
+    )
     from megatron_prefpack.training.step import is_reporting_rank
-    from megatron_prefpack.training.train import init_distributed, make_model_forward
 
     start = time.perf_counter()
     init_distributed(cfg)
@@ -223,10 +277,11 @@ def write_reference_logprobs(cfg: Any, load: str | None, output: Path) -> Path:
             header = {
                 "format": FORMAT,
                 "dataset": str(Path(cfg.data.path).resolve()),
+                "dataset_fingerprint": dataset.fingerprint,
                 "num_groups": len(dataset),
                 "max_responses": max_k,
                 "skipped_group_ids": list(plan.skipped_group_ids),
-                "checkpoint": None if load is None else str(Path(load).resolve()),
+                "checkpoint": None if load is None else checkpoint_identity(load),
                 "model": model_cfg.to_dict(),
             }
             output.with_name(output.name + ".json").write_text(json.dumps(header, indent=1) + "\n")

@@ -13,10 +13,16 @@ with DDP's DP averaging makes it the mean over micro-batches and DP ranks.
 
 Metrics come back from the last pipeline stage as per-micro-batch sums; one rank per DP
 replica contributes them to a world all-reduce, so every rank ends with the global sums.
+
+Non-finite steps: before the optimizer runs, every rank checks the global loss and its own
+gradient buffers and the world agrees (one MAX all-reduce) whether anything is NaN/inf. Such
+a step applies no update and does not advance the LR schedule (Megatron-LM's rule for a
+skipped iteration); the caller counts it and decides when to stop.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -147,13 +153,33 @@ def moe_aux_losses(num_microbatches: int, num_moe_layers: int) -> dict[str, floa
 @dataclass
 class StepResult:
     """Global metric sums (identical on every rank), MoE auxiliary losses and what the
-    optimizer reported."""
+    optimizer reported. ``nonfinite``: the loss or a gradient was NaN/inf somewhere, so no
+    update was applied (identical on every rank)."""
 
     sums: dict[str, float]
     aux_losses: dict[str, float]
     seconds: float
     grad_norm: float | None
     skipped: bool
+    nonfinite: bool = False
+
+
+def _grads_finite(model_chunks: list[torch.nn.Module]) -> bool:
+    """Whether this rank's gradient buffers (dense and expert, after DDP's reduction) hold
+    only finite values. A NaN/inf anywhere in a local buffer reaches some rank's reduced shard,
+    so checking every rank's whole buffers and agreeing globally is exact."""
+    for chunk in model_chunks:
+        for buffer in [*chunk.buffers, *chunk.expert_parallel_buffers]:
+            if not bool(torch.isfinite(buffer.grad_data).all()):
+                return False
+    return True
+
+
+def all_finite(local_ok: bool, device: torch.device) -> bool:
+    """True on every rank iff ``local_ok`` holds on every rank (one MAX all-reduce)."""
+    flag = torch.tensor([0 if local_ok else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not bool(flag.item())
 
 
 def train_step(
@@ -178,12 +204,16 @@ def train_step(
     grad_scale = len(batches) * ps.get_data_parallel_world_size()
     step = partial(_forward_step, objective, reference, model_forward, grad_scale)
     outputs = run_schedule(model_chunks, items, step, forward_only=False)
-    success, grad_norm, _ = optimizer.step()
-    if success:
-        scheduler.step(increment=1)
     sums = _sum_metrics(outputs, metric_keys, device)
+    finite = all_finite(math.isfinite(sums["loss"]) and _grads_finite(model_chunks), device)
+    success, grad_norm = False, None
+    if finite:
+        success, grad_norm, _ = optimizer.step()
+        if success:
+            scheduler.step(increment=1)
     aux = moe_aux_losses(len(batches), num_moe_layers)
-    return StepResult(sums, aux, time.perf_counter() - start, grad_norm, skipped=not success)
+    seconds = time.perf_counter() - start
+    return StepResult(sums, aux, seconds, grad_norm, skipped=not success, nonfinite=not finite)
 
 
 @torch.no_grad()

@@ -11,8 +11,14 @@ Read top to bottom, :func:`train` is the whole job:
 5. the reference: precomputed table, frozen in-job copy, or none;
 6. the loop: micro-batches -> (reference pass) -> Megatron forward/backward -> optimizer step,
    logging every ``log_interval`` steps, evaluating every ``eval_interval``, saving every
-   ``checkpoint.interval``; SIGTERM finishes the step, saves and exits 0;
+   ``checkpoint.interval``;
 7. final evaluation and checkpoint.
+
+Faults (README "Reliability"): SIGTERM at any phase ends in a saved checkpoint and exit 0 (an
+evaluation in progress is abandoned); a step whose loss or gradients are NaN/inf applies no
+update, and ``run.max_nonfinite_steps`` of them in a row stop the run (exit 3, nothing saved);
+a collective that waits longer than ``run.timeout_minutes`` ends the job non-zero; a second run
+in the same directories stops at once (exit 2); bad inputs and refused resumes exit 2.
 
 Launch with ``torchrun --nproc-per-node N prefpack train ...`` or ``srun`` (one task per GPU).
 """
@@ -20,11 +26,12 @@ Launch with ``torchrun --nproc-per-node N prefpack train ...`` or ``srun`` (one 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +51,14 @@ RM_KEYS = ["count", "loss", "rewards/chosen", "rewards/rejected", "rewards/accur
 SFT_KEYS = ["count", "loss"]
 
 
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+
+class TrainingDiverged(RuntimeError):
+    """``run.max_nonfinite_steps`` consecutive steps had a non-finite loss or gradient."""
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns on every rank (metrics are global, identical on all ranks)."""
@@ -53,6 +68,7 @@ class TrainResult:
     evals: list[dict[str, float]] = field(default_factory=list)
     checkpoint: Path | None = None
     preempted: bool = False
+    nonfinite_steps: int = 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,45 +81,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input (config, data, checkpoint, a busy run dir): exit 2."""
+    from megatron_prefpack.data.group_dataset import DatasetError
+    from megatron_prefpack.training.checkpoint import CheckpointError
+    from megatron_prefpack.training.run_lock import RunLockError
+
+    return ConfigError, DatasetError, CheckpointError, RunLockError
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, [*args.set, *args.overrides])
     except ConfigError as err:
         print(f"prefpack train: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     try:
         result = train(cfg)
-    except ConfigError as err:
+    except _input_errors() as err:
         print(f"prefpack train: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except TrainingDiverged as err:
+        print(f"prefpack train: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except RuntimeError as err:
+        if "timed out" in str(err).lower() or "timeout" in str(err).lower():
+            print(
+                f"prefpack train: a collective did not finish within run.timeout_minutes="
+                f"{cfg.run.timeout_minutes:g}: a peer rank stalled or died ({err})",
+                file=sys.stderr,
+            )
+            return 1
+        raise
     if result.preempted:
         print(f"[prefpack] stopped by SIGTERM after step {result.steps}; checkpoint {result.checkpoint}")
     return 0
-
-
-def init_distributed(cfg: TrainConfig) -> None:
-    """torch.distributed and Megatron's parallel state for ``cfg.parallel`` (CPU: gloo)."""
-    from megatron_prefpack.platform import distributed as platform
-
-    par = cfg.parallel
-    try:
-        platform.initialize(
-            tensor_parallel=par.tensor,
-            pipeline_parallel=par.pipeline,
-            context_parallel=par.context,
-            expert_parallel=par.expert,
-            virtual_pipeline_parallel=par.virtual_pipeline,
-            seed=cfg.run.seed,
-        )
-    except ValueError as err:
-        raise ConfigError(f"{cfg.source}: parallel: {err}") from None
-
-
-def make_model_forward(model_cfg: Any) -> Any:
-    """``(model, batch) -> output``: the prefix-shared forward with the model's attention backend."""
-    from megatron_prefpack.models.forward import model_forward
-
-    return partial(model_forward, backend=model_cfg.attention_backend)
 
 
 def _objective(cfg: TrainConfig) -> tuple[Any, list[str]]:
@@ -152,20 +164,117 @@ def _means(sums: dict[str, float]) -> dict[str, float]:
     return {k: v / count for k, v in sums.items() if k != "count"}
 
 
-def _starting_point(cfg: TrainConfig) -> tuple[str | Path | None, bool]:
+def _starting_point(cfg: TrainConfig, log: Any) -> tuple[str | Path | None, bool]:
     """The checkpoint to start from, and whether it is a resume (optimizer, schedule, data
-    position and RNG too) rather than weights only. A complete checkpoint in the save dir
-    wins over ``checkpoint.load`` when ``checkpoint.auto_resume``."""
+    position and RNG too) rather than weights only. The newest complete, verified checkpoint
+    in the save dir wins over ``checkpoint.load`` when ``checkpoint.auto_resume``; a save dir
+    that holds checkpoints but none usable raises ``CheckpointError`` (never a silent step 0)."""
     from megatron_prefpack.training import checkpoint
 
     ckpt = cfg.checkpoint
-    if ckpt.auto_resume and checkpoint.has_checkpoint(cfg.save_dir):
-        return cfg.save_dir, True
+    if ckpt.auto_resume:
+        point = checkpoint.find_resume(cfg.save_dir)
+        if point is not None:
+            for note in point.notes:
+                log.info(note)
+            return point.path, True
     return ckpt.load, ckpt.load is not None and ckpt.load_optimizer
+
+
+def _check_resume_config(cfg: TrainConfig, saved_yaml: str, where: Path, log: Any) -> bool:
+    """Compare the resumed checkpoint's config with this run's: data, model, parallel layout,
+    objective or seed changes are refused (``ConfigError`` listing them); optimizer changes are
+    announced and returned True (the caller applies them)."""
+    from megatron_prefpack.training.config import config_from_yaml, resume_changes
+
+    changes = resume_changes(config_from_yaml(saved_yaml, f"{where}/prefpack.json"), cfg)
+    if changes.refused:
+        listed = "; ".join(str(c) for c in changes.refused)
+        raise ConfigError(
+            f"{cfg.source}: resuming {where} with a different config: {listed}. These change what "
+            "is trained; start a new run (checkpoint.load with load_optimizer: false, another "
+            "checkpoint.save) or restore the old values"
+        )
+    for change in changes.applied:
+        log.info(f"resume: applying the changed optimizer setting {change}")
+    return bool(changes.applied)
+
+
+def _apply_adam_settings(optimizer: Any, cfg: TrainConfig) -> None:
+    """Put this config's Adam betas and eps into the (resumed) param groups; lr and weight
+    decay are set by the schedule every step, ``clip_grad`` is read from the config."""
+    from megatron_prefpack.training.checkpoint import optimizer_members
+
+    opt = cfg.optimizer
+    for member in optimizer_members(optimizer):
+        for group in member.optimizer.param_groups:
+            group["betas"] = (opt.adam_beta1, opt.adam_beta2)
+            group["eps"] = opt.adam_eps
+
+
+def _check_vocab(cfg: TrainConfig, model_cfg: Any, dataset: Any) -> None:
+    """The model's embedding must cover every id the dataset's tokenizer can produce."""
+    tokenizer_vocab = dataset.info.get("tokenizer", {}).get("vocab_size")
+    if tokenizer_vocab is not None and model_cfg.vocab_size < tokenizer_vocab:
+        key = "model.vocab_size"
+        line = cfg.lines.get(key)
+        raise ConfigError(
+            f"{cfg.source}{f':{line}' if line else ''}: {key}: {model_cfg.vocab_size} is smaller than "
+            f"the vocabulary of the dataset's tokenizer ({tokenizer_vocab}, {cfg.data.path}/dataset.json)"
+        )
+
+
+def _params_finite(model: list[Any], device: Any) -> bool:
+    """Whether every rank's parameters are all finite (collective)."""
+    import torch
+
+    from megatron_prefpack.training.step import all_finite
+
+    local = all(bool(torch.isfinite(p).all()) for chunk in model for p in chunk.parameters())
+    return all_finite(local, device)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the job described by ``cfg`` (collective: every rank calls it)."""
+    from megatron_prefpack.platform import distributed as platform
+    from megatron_prefpack.training.model_setup import init_distributed
+    from megatron_prefpack.training.signals import PreemptionWatcher
+
+    # SIGTERM is recorded from the first moment, so no phase of the job can lose it.
+    with PreemptionWatcher() as watcher:
+        init_distributed(cfg)
+        try:
+            return _train(cfg, watcher)
+        finally:
+            platform.destroy()
+
+
+@contextlib.contextmanager
+def _lock_run_dirs(cfg: TrainConfig, rank: int) -> Iterator[list[str]]:
+    """Rank 0 holds the run and save directories' lock for the block; every rank raises
+    ``RunLockError`` if it could not be taken. Yields what was found stale and taken over."""
+    import torch.distributed as dist
+
+    from megatron_prefpack.training.run_lock import RunLock, RunLockError
+
+    lock = RunLock([Path(cfg.run.dir), cfg.save_dir]) if rank == 0 else None
+    error: list[str | None] = [None]
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunLockError as err:
+            error = [str(err)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RunLockError(error[0])
+    try:
+        yield lock.notes if lock is not None else []
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -178,28 +287,28 @@ def train(cfg: TrainConfig) -> TrainResult:
         attach_reward_heads,
         build_chunks,
         build_optimizer,
+        make_model_forward,
         transformer_config,
         wrap_for_training,
     )
     from megatron_prefpack.training.ref_logprobs import OnlineReference, ReferenceLogps
-    from megatron_prefpack.training.signals import PreemptionWatcher
     from megatron_prefpack.training.step import MicroBatch, evaluate, train_step
 
-    # 1. distributed state and layout checks
-    init_distributed(cfg)
-    try:
-        world = dist.get_world_size()
-        rank = dist.get_rank()
-        device = platform.device()
-        model_cfg = model_config(cfg)
-        dp = check_parallel_layout(cfg, world, model_cfg)
-        dp_rank = ps.get_data_parallel_rank()
-        par = cfg.parallel
-        tcfg = transformer_config(cfg, model_cfg)
-        run_dir = Path(cfg.run.dir)
+    # 1. distributed state, layout checks, exclusive use of the run and save dirs
+    world = dist.get_world_size()
+    rank = dist.get_rank()
+    device = platform.device()
+    model_cfg = model_config(cfg)
+    dp = check_parallel_layout(cfg, world, model_cfg)
+    dp_rank = ps.get_data_parallel_rank()
+    par = cfg.parallel
+    tcfg = transformer_config(cfg, model_cfg)
+    run_dir = Path(cfg.run.dir)
+    with _lock_run_dirs(cfg, rank) as lock_notes:
         log = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.run.tensorboard)
+        for note in lock_notes:
+            log.info(note)
         if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log.info(
             f"world {world}: data {dp} x tensor {par.tensor} x pipeline {par.pipeline} x context {par.context}, "
@@ -208,6 +317,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         # 2. data
         data = build_data(cfg, par.tensor, par.context)
+        _check_vocab(cfg, model_cfg, data.dataset)
         stats = data.train_plan.stats
         log.info(
             f"data: {stats.groups} train groups in {stats.rows} rows of {stats.row_length} "
@@ -218,10 +328,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         # 3. policy (+ reward head), starting weights, DDP, optimizer, schedule
         objective, keys = _objective(cfg)
         is_rm = cfg.objective.type == "rm"
-        load, resume = _starting_point(cfg)
+        load, resume = _starting_point(cfg, log)
+        start_state = checkpoint.read_state(load) if load is not None else None
+        override_schedule = False
+        if resume and start_state is not None:
+            override_schedule = _check_resume_config(
+                cfg, start_state.config_yaml, checkpoint.resolve(load), log
+            )
         # A reward-model checkpoint carries its head (attach, then load); a language-model
         # checkpoint does not (load, then attach a fresh head).
-        head_first = is_rm and (load is None or checkpoint.read_state(load).objective == "rm")
+        head_first = is_rm and (start_state is None or start_state.objective == "rm")
         head_std = cfg.objective.rm.head_init_std
         chunks = build_chunks(model_cfg, tcfg, reward_head=head_first, head_init_std=head_std)
         if load is not None and not resume:
@@ -255,7 +371,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         if resume:
             state = checkpoint.load(load, model, optimizer, restore_rng=True)
             step, consumed_rows = state.step, state.consumed_rows
+            # Megatron's schedule keeps the checkpoint's values unless told to override them.
+            scheduler.override_opt_param_scheduler = override_schedule
             scheduler.load_state_dict(state.scheduler)
+            _apply_adam_settings(optimizer, cfg)
             log.info(f"resumed from {checkpoint.resolve(load)} at step {step}")
 
         # 5. reference log-probs
@@ -263,7 +382,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         online = None
         table = None
         if cfg.reference.mode == "offline":
-            table = ReferenceLogps.load(cfg.reference.path, len(data.dataset))
+            table = ReferenceLogps.load(cfg.reference.path, data.dataset, cfg.reference.load)
+            log.info(f"reference log-probs: {table.describe()}")
         elif cfg.reference.mode == "online":
             max_k = int(data.dataset.token_lengths().num_responses.max())
             online = OnlineReference(reference_chunks, forward, len(data.dataset), max_k)
@@ -287,26 +407,41 @@ def train(cfg: TrainConfig) -> TrainResult:
         passes = 3.0 + (1.0 if online is not None else 0.0)
         sampler = data.sampler(dp_rank, dp, cfg, consumed_rows)
         batch_iter = iter(sampler)
+        steps_per_mb = sampler.num_micro_batches
         eval_chunk_rows = (
             cfg.data.micro_batch_size if par.pipeline == 1 else int(data.train_plan.bin_offsets[1])
         )
         eval_rows = cfg.run.eval_batches * cfg.data.global_batch_size or None
         result = TrainResult(steps=step)
+        saved_step = None  # the step of the newest checkpoint in the save dir, once there is one
+        if resume and checkpoint.resolve(load).parent.resolve() == cfg.save_dir.resolve():
+            saved_step, result.checkpoint = step, checkpoint.resolve(load)
 
         def run_eval() -> None:
+            """Evaluate the held-out split in pieces of one step's micro-batches; a SIGTERM
+            between pieces abandons the evaluation (the caller saves)."""
             items = [
                 MicroBatch(b, max(objective.count(b), 1), counted)
                 for b, counted in data.eval_micro_batches(dp_rank, dp, eval_chunk_rows, eval_rows, device)
             ]
-            if not items:
+            sums: dict[str, float] = {}
+            for start in range(0, len(items), steps_per_mb):
+                if watcher.should_stop(device):
+                    log.info(f"evaluation at step {step} abandoned: SIGTERM")
+                    return
+                piece = items[start : start + steps_per_mb]
+                ref = reference_for([i.batch for i in piece])
+                for key, value in evaluate(model, piece, objective, keys, forward, ref, device).items():
+                    sums[key] = sums.get(key, 0.0) + value
+            if not sums:
                 return
-            ref = reference_for([i.batch for i in items])
-            sums = evaluate(model, items, objective, keys, forward, ref, device)
             metrics = {**_means(sums), "count": round(sums["count"])}
             result.evals.append({"step": step, **metrics})
             log.log("eval", step, metrics)
 
         def save() -> Path:
+            if not _params_finite(model, device):
+                raise TrainingDiverged(f"step {step}: the weights hold NaN/inf; not saving them")
             state = checkpoint.CheckpointState(
                 step=step,
                 consumed_rows=consumed_rows,
@@ -320,60 +455,71 @@ def train(cfg: TrainConfig) -> TrainResult:
             return path
 
         run_eval()
-        steps_per_mb = sampler.num_micro_batches
-        with PreemptionWatcher() as watcher:
-            while step < cfg.run.train_steps:
-                rows = list(itertools.islice(batch_iter, steps_per_mb))
-                batches = [data.train_rows.batch(r).to(device) for r in rows]
-                out = train_step(
-                    model,
-                    optimizer,
-                    scheduler,
-                    batches,
-                    objective,
-                    keys,
-                    forward,
-                    reference_for(batches),
-                    device,
-                    sum(model_cfg.moe_layer_pattern()),
+        nonfinite_in_a_row = 0
+        while step < cfg.run.train_steps and not watcher.should_stop(device):
+            rows = list(itertools.islice(batch_iter, steps_per_mb))
+            batches = [data.train_rows.batch(r).to(device) for r in rows]
+            out = train_step(
+                model,
+                optimizer,
+                scheduler,
+                batches,
+                objective,
+                keys,
+                forward,
+                reference_for(batches),
+                device,
+                sum(model_cfg.moe_layer_pattern()),
+            )
+            step += 1
+            consumed_rows += cfg.data.global_batch_size
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if out.nonfinite else 0
+            result.nonfinite_steps += int(out.nonfinite)
+            tokens, groups, pairs = _global_work(batches, device)
+            flops = step_flops(active_params, tokens, pairs, model_cfg.num_layers, attn_dim, passes)
+            metrics = {
+                **_means(out.sums),
+                **out.aux_losses,
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": float(out.grad_norm) if out.grad_norm is not None else float("nan"),
+                "nonfinite_steps": result.nonfinite_steps,
+                "tokens_per_s": tokens / out.seconds,
+                "groups_per_s": groups / out.seconds,
+                "tflops_per_device": flops / out.seconds / world / 1e12,
+                "step_s": out.seconds,
+            }
+            result.history.append({"step": step, **metrics})
+            console = out.nonfinite or step % cfg.run.log_interval == 0 or step == cfg.run.train_steps
+            log.log("train", step, metrics, console=console)
+            if out.nonfinite:
+                limit = cfg.run.max_nonfinite_steps
+                log.info(
+                    f"step {step}: non-finite loss or gradient, update skipped "
+                    f"({nonfinite_in_a_row} in a row, {result.nonfinite_steps} in this run; limit {limit})"
                 )
-                step += 1
-                consumed_rows += cfg.data.global_batch_size
-                tokens, groups, pairs = _global_work(batches, device)
-                flops = step_flops(active_params, tokens, pairs, model_cfg.num_layers, attn_dim, passes)
-                metrics = {
-                    **_means(out.sums),
-                    **out.aux_losses,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": float(out.grad_norm) if out.grad_norm is not None else float("nan"),
-                    "tokens_per_s": tokens / out.seconds,
-                    "groups_per_s": groups / out.seconds,
-                    "tflops_per_device": flops / out.seconds / world / 1e12,
-                    "step_s": out.seconds,
-                }
-                result.history.append({"step": step, **metrics})
-                console = step % cfg.run.log_interval == 0 or step == cfg.run.train_steps
-                log.log("train", step, metrics, console=console)
-                if cfg.run.eval_interval and step % cfg.run.eval_interval == 0 and step < cfg.run.train_steps:
-                    run_eval()
-                if watcher.should_stop(device):
-                    result.preempted = True
-                    break
-                if (
-                    cfg.checkpoint.interval
-                    and step % cfg.checkpoint.interval == 0
-                    and step < cfg.run.train_steps
-                ):
-                    save()
-        # 7. the end
+                if nonfinite_in_a_row >= limit:
+                    last = f"{saved_step}" if saved_step is not None else "none (nothing was saved)"
+                    raise TrainingDiverged(
+                        f"step {step}: {nonfinite_in_a_row} steps in a row had a non-finite loss or "
+                        f"gradient (run.max_nonfinite_steps={limit}); stopping without saving. Last "
+                        f"saved step: {last} in {cfg.save_dir}. Lower optimizer.lr or check the data"
+                    )
+                continue
+            if cfg.run.eval_interval and step % cfg.run.eval_interval == 0 and step < cfg.run.train_steps:
+                run_eval()
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.run.train_steps:
+                result.checkpoint = save()
+                saved_step = step
+        # 7. the end: a SIGTERM before or during the final evaluation skips (the rest of) it
         result.steps = step
+        result.preempted = watcher.should_stop(device)
         if not result.preempted:
             run_eval()
-        result.checkpoint = save()
+            result.preempted = watcher.should_stop(device)
+        if saved_step != step:
+            result.checkpoint = save()
         log.close()
         return result
-    finally:
-        platform.destroy()
 
 
 def main() -> int:
