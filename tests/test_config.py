@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from megatron_prefpack.models.config import ModelConfig, ModelConfigError
 from megatron_prefpack.training.config import (
+    Change,
     ConfigError,
+    TrainConfig,
     apply_override,
     check_parallel_layout,
+    config_from_yaml,
     load_config,
     model_config,
+    resume_changes,
     to_yaml,
 )
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))
 
 BASE = """\
 run:
@@ -180,7 +188,7 @@ def test_parallel_layout_errors(config_file, overrides, world, expected):
     with pytest.raises(ConfigError) as info:
         check_parallel_layout(cfg, world, model_config(cfg))
     assert expected in str(info.value)
-    assert str(config_file()) in str(info.value)
+    assert str(info.value).startswith("override '")  # the overrides made the layout wrong
 
 
 def test_parallel_layout_ok(config_file):
@@ -222,3 +230,252 @@ def test_override_returns_new_config(config_file):
     cfg = load_config(config_file())
     changed = apply_override(cfg, "run.seed=7")
     assert changed.run.seed == 7 and cfg.run.seed == 1234
+
+
+# ----------------------------------------------------------------------------- values refused
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["optimizer.lr=inf"], "optimizer.lr: must be a finite number > 0, got inf"),
+        (["optimizer.lr=.nan"], "optimizer.lr: must be a finite number > 0, got nan"),
+        (["optimizer.lr=0"], "optimizer.lr: must be a finite number > 0, got 0.0"),
+        (["optimizer.min_lr=-1e-6"], "optimizer.min_lr: must be a finite number >= 0, got -1e-06"),
+        (["optimizer.min_lr=1e-3"], "optimizer.min_lr: 0.001 is above optimizer.lr 1e-05"),
+        (["optimizer.adam_eps=0"], "optimizer.adam_eps: must be a finite number > 0, got 0.0"),
+        (["optimizer.adam_beta1=1.5"], "optimizer.adam_beta1: must be a finite number in [0, 1), got 1.5"),
+        (["optimizer.adam_beta1=-0.1"], "optimizer.adam_beta1: must be a finite number in [0, 1)"),
+        (["optimizer.adam_beta2=1"], "optimizer.adam_beta2: must be a finite number in [0, 1), got 1.0"),
+        (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay: must be a finite number >= 0, got -0.1"),
+        (["optimizer.clip_grad=-1"], "optimizer.clip_grad: must be a finite number >= 0 (0: no clipping)"),
+        (["optimizer.clip_grad=nan"], "optimizer.clip_grad: must be a finite number >= 0 (0: no clipping)"),
+        (["optimizer.decay_steps=0"], "optimizer.decay_steps: must be >= 1, got 0"),
+        (["optimizer.warmup_steps=-1"], "optimizer.warmup_steps: must be >= 0, got -1"),
+        (["objective.dpo.beta=inf"], "objective.dpo.beta: must be a finite number, got inf"),
+        (["objective.dpo.beta=0"], "objective.dpo: DPOConfig.beta must be > 0"),
+        (
+            ["objective.dpo.label_smoothing=0.5"],
+            "objective.dpo: DPOConfig.label_smoothing must be in [0, 0.5)",
+        ),
+        (["objective.dpo.simpo_gamma=-.inf"], "objective.dpo.simpo_gamma: must be a finite number, got -inf"),
+        (["objective.dpo.rpo_alpha=-1"], "objective.dpo: DPOConfig.rpo_alpha must be >= 0"),
+        (["objective.dpo.rpo_alpha=inf"], "objective.dpo.rpo_alpha: must be a finite number, got inf"),
+        (
+            ["objective.rm.center_coefficient=-1"],
+            "objective.rm.center_coefficient: must be a finite number >= 0",
+        ),
+        (
+            ["objective.rm.head_init_std=0"],
+            "objective.rm.head_init_std: must be a finite number > 0, got 0.0",
+        ),
+        (["run.max_nonfinite_steps=0"], "run.max_nonfinite_steps: must be >= 1, got 0"),
+        (["run.timeout_minutes=0"], "run.timeout_minutes: must be a finite number > 0, got 0.0"),
+        (["run.timeout_minutes=inf"], "run.timeout_minutes: must be a finite number > 0, got inf"),
+        (["run.seed=-1"], "run.seed: must be >= 0, got -1"),
+        (["data.eval_fraction=nan"], "data.eval_fraction: must be a finite number in [0, 1), got nan"),
+        (["parallel.virtual_pipeline=0"], "parallel.virtual_pipeline: must be >= 1, got 0"),
+        (["model.num_layers=0"], "model.num_layers: must be >= 1, got 0"),
+        (["model.hidden_size=0"], "model.hidden_size: must be >= 1, got 0"),
+        (["model.hidden_size=30"], "model.hidden_size: 30 is not divisible by num_attention_heads=4"),
+        (["model.ffn_hidden_size=-1"], "model.ffn_hidden_size: must be >= 1, got -1"),
+        (["model.num_attention_heads=0"], "model.num_attention_heads: must be >= 1, got 0"),
+        (["model.vocab_size=0"], "model.vocab_size: must be >= 1, got 0"),
+        (["model.max_position_embeddings=0"], "model.max_position_embeddings: must be >= 1, got 0"),
+        (["model.num_query_groups=0"], "model.num_query_groups: must be >= 1, got 0"),
+        (["model.kv_channels=0"], "model.kv_channels: must be >= 1, got 0"),
+        (["model.norm_epsilon=0"], "model.norm_epsilon: must be > 0, got 0.0"),
+        (["model.rotary_base=inf"], "model.rotary_base: must be a finite number, got inf"),
+        (["model.rotary_percent=0"], "model.rotary_percent: must be in (0, 1], got 0.0"),
+        (["model.init_method_std=nan"], "model.init_method_std: must be a finite number, got nan"),
+        (["model.moe.num_experts=0"], "model.moe.num_experts: must be >= 1, got 0"),
+        (["model.moe.top_k=5"], "model.moe.top_k: 5 must be in [1, num_experts=4]"),
+        (["model.moe.expert_ffn_hidden_size=0"], "model.moe.expert_ffn_hidden_size: must be >= 1, got 0"),
+        (["model.moe.aux_loss_coeff=-1"], "model.moe.aux_loss_coeff: must be >= 0, got -1.0"),
+        (["model.moe.aux_loss_coeff=nan"], "model.moe.aux_loss_coeff: must be a finite number, got nan"),
+        (["model.moe.routing_scaling_factor=0"], "model.moe.routing_scaling_factor: must be > 0, got 0.0"),
+        (["model.moe.first_k_dense=-1"], "model.moe.first_k_dense: must be >= 0, got -1"),
+        (
+            ["model.preset=tiny-mla-moe", "model.mla.kv_lora_rank=0"],
+            "model.mla.kv_lora_rank: must be >= 1, got 0",
+        ),
+        (
+            ["model.preset=tiny-mla-moe", "model.yarn.scaling_factor=0"],
+            "model.yarn.scaling_factor: must be > 0",
+        ),
+    ],
+)
+def test_refused_values_name_the_key_and_the_override(config_file, overrides, expected):
+    message = error_of(config_file(), overrides)
+    assert message.startswith(f"override {overrides[-1]!r}: {expected}"), message
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("optimizer:\n  lr: .inf\n", "14: optimizer.lr: must be a finite number > 0, got inf"),
+        ("optimizer:\n  adam_eps: 0\n", "14: optimizer.adam_eps: must be a finite number > 0, got 0.0"),
+        ("run:\n  timeout_minutes: -1\n", "14: run.timeout_minutes: must be a finite number > 0"),
+    ],
+)
+def test_refused_values_in_the_file_name_its_line(config_file, section, expected):
+    path = config_file(section)
+    assert error_of(path).startswith(f"{path}:{expected}")
+
+
+def test_model_config_error_names_the_field():
+    fields = dataclasses.asdict(model_config(TrainConfig(model={"preset": "tiny-dense"})))
+    with pytest.raises(ModelConfigError) as info:
+        ModelConfig.from_dict({**fields, "num_layers": 0}, where="model")
+    assert (info.value.key, info.value.reason) == ("model.num_layers", "must be >= 1, got 0")
+
+
+# ----------------------------------------------------------------------------- where a value came from
+
+
+def test_override_error_names_the_override_not_the_file_line(config_file):
+    path = config_file("optimizer:\n  lr: 1.0e-3\n")
+    assert error_of(path, ["optimizer.lr=inf"]) == (
+        "override 'optimizer.lr=inf': optimizer.lr: must be a finite number > 0, got inf"
+    )
+
+
+def test_mapping_override_names_itself(config_file):
+    message = error_of(config_file(), ["optimizer={lr: .inf}"])
+    assert message == "override 'optimizer={lr: .inf}': optimizer.lr: must be a finite number > 0, got inf"
+
+
+def test_file_value_still_names_the_file_after_other_overrides(config_file):
+    path = config_file("optimizer:\n  adam_eps: 0\n")
+    assert error_of(path, ["optimizer.lr=1e-3", "run.seed=3"]).startswith(f"{path}:14: optimizer.adam_eps:")
+
+
+def test_error_between_keys_names_the_one_set_last(config_file):
+    path = config_file("optimizer:\n  min_lr: 1.0e-4\n")
+    assert error_of(path).startswith(f"{path}:14: optimizer.min_lr: 0.0001 is above optimizer.lr 1e-05")
+    assert error_of(path, ["optimizer.lr=1e-5"]).startswith(
+        "override 'optimizer.lr=1e-5': optimizer.min_lr: 0.0001 is above optimizer.lr 1e-05"
+    )
+
+
+def test_preset_field_broken_by_an_override_names_the_override(config_file):
+    # tiny-moe's top_k=2 is fine until the override leaves one expert.
+    assert error_of(config_file(), ["model.moe.num_experts=1"]).startswith(
+        "override 'model.moe.num_experts=1': model.moe.top_k: 2 must be in [1, num_experts=1]"
+    )
+
+
+# ----------------------------------------------------------------------------- new run fields
+
+
+def test_nonfinite_and_timeout_fields(config_file):
+    cfg = load_config(config_file())
+    assert (cfg.run.max_nonfinite_steps, cfg.run.timeout_minutes) == (3, 30.0)
+    base = BASE.replace("run:\n", "run:\n  max_nonfinite_steps: 1\n  timeout_minutes: 2\n")
+    cfg = load_config(config_file(base=base), ["run.timeout_minutes=0.5"])
+    assert (cfg.run.max_nonfinite_steps, cfg.run.timeout_minutes) == (1, 0.5)
+    assert "max_nonfinite_steps: 1" in to_yaml(cfg) and "timeout_minutes: 0.5" in to_yaml(cfg)
+
+
+# ----------------------------------------------------------------------------- stored config, resume
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["optimizer.lr=2e-4", "model.num_layers=8", "run.timeout_minutes=5", "data.path=elsewhere"]],
+)
+def test_stored_config_reads_back_equal(example, overrides):
+    cfg = config_from_yaml(example.read_text(), str(example))  # its dataset need not exist here
+    for override in overrides:
+        cfg = apply_override(cfg, override)
+    back = config_from_yaml(to_yaml(cfg), "checkpoint/prefpack.json")
+    assert back == cfg
+    assert to_yaml(back) == to_yaml(cfg)
+
+
+def test_loaded_config_reads_back_equal(config_file):
+    cfg = load_config(
+        config_file(), ["model.moe.top_k=1", "optimizer.lr=3e-4", "objective.sft.responses=first"]
+    )
+    assert config_from_yaml(to_yaml(cfg), "stored") == cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("run: [unclosed\n", "ckpt/prefpack.json: not valid YAML"),
+        (
+            "optimizer:\n  lr: .inf\n",
+            "ckpt/prefpack.json:2: optimizer.lr: must be a finite number > 0, got inf",
+        ),
+        (
+            "model:\n  preset: tiny-moe\n  num_layers: 0\n",
+            "ckpt/prefpack.json:3: model.num_layers: must be >= 1",
+        ),
+        ("data:\n  sequence_length: 4\n", "ckpt/prefpack.json:2: data.sequence_length: unknown key"),
+    ],
+)
+def test_stored_config_errors_name_the_source(text, expected):
+    with pytest.raises(ConfigError) as info:
+        config_from_yaml(text, "ckpt/prefpack.json")
+    assert str(info.value).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("override", "refused", "applied"),
+    [
+        ("data.seq_len=128", ["data.seq_len: 64 -> 128"], []),
+        ("data.path=other/ds", ["data.path: {data} -> other/ds"], []),
+        ("data.global_batch_size=16", ["data.global_batch_size: 8 -> 16"], []),
+        ("data.layout=unpacked", ["data.layout: prefpack -> unpacked"], []),
+        ("model.num_layers=2", ["model.num_layers: 4 -> 2"], []),
+        ("model.moe.top_k=1", ["model.moe.top_k: 2 -> 1"], []),
+        ("parallel.tensor=2", ["parallel.tensor: 1 -> 2"], []),
+        ("parallel.first_stage_layers=1", ["parallel.first_stage_layers: None -> 1"], []),
+        ("parallel.distributed_optimizer=true", ["parallel.distributed_optimizer: False -> True"], []),
+        ("objective.type=rm", ["objective.type: sft -> rm"], []),
+        ("objective.dpo.beta=0.2", ["objective.dpo.beta: 0.1 -> 0.2"], []),
+        ("reference.mode=online", ["reference.mode: none -> online"], []),
+        ("run.seed=1", ["run.seed: 1234 -> 1"], []),
+        ("optimizer.lr=1e-3", [], ["optimizer.lr: 1e-05 -> 0.001"]),
+        ("optimizer.decay_style=linear", [], ["optimizer.decay_style: cosine -> linear"]),
+        ("run.train_steps=100", [], []),
+        ("run.eval_interval=5", [], []),
+        ("run.dir=elsewhere", [], []),
+        ("run.timeout_minutes=5", [], []),
+        ("run.max_nonfinite_steps=9", [], []),
+        ("checkpoint.keep=5", [], []),
+        ("reference.path=table.npy", [], []),
+        ("reference.load=ckpt", [], []),
+    ],
+)
+def test_resume_changes_by_class(config_file, tmp_path, override, refused, applied):
+    saved = load_config(config_file())
+    changes = resume_changes(saved, apply_override(saved, override))
+    data = tmp_path / "ds"
+    assert [str(change) for change in changes.refused] == [text.format(data=data) for text in refused]
+    assert [str(change) for change in changes.applied] == applied
+
+
+def test_resume_changes_lists_every_difference(config_file):
+    saved = load_config(config_file())
+    current = saved
+    for override in ("data.seq_len=128", "optimizer.lr=1e-3", "optimizer.min_lr=1e-4", "run.seed=3"):
+        current = apply_override(current, override)
+    changes = resume_changes(saved, current)
+    assert sorted(changes.refused) == [Change("data.seq_len", 64, 128), Change("run.seed", 1234, 3)]
+    assert sorted(changes.applied) == [
+        Change("optimizer.lr", 1e-5, 1e-3),
+        Change("optimizer.min_lr", 0.0, 1e-4),
+    ]
+    assert resume_changes(saved, saved).refused == resume_changes(saved, saved).applied == []
+
+
+def test_preset_and_its_fields_written_out_are_the_same_model(config_file):
+    saved = load_config(config_file())
+    expanded = {key: value for key, value in dataclasses.asdict(model_config(saved)).items() if key != "name"}
+    changes = resume_changes(saved, dataclasses.replace(saved, model=expanded))
+    assert (changes.refused, changes.applied) == ([], [])
+    other = resume_changes(saved, apply_override(saved, "model.preset=tiny-dense"))
+    assert "model.moe.num_experts: 4 -> None" in [str(change) for change in other.refused]

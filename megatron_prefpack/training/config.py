@@ -623,33 +623,57 @@ def check_parallel_layout(cfg: TrainConfig, world_size: int, model: Any) -> int:
             cfg,
             "parallel.expert",
             f"{par.expert} does not divide data*context = {dp * par.context} ranks (world {world_size})",
+            related=["parallel.tensor", "parallel.pipeline", "parallel.context"],
         )
     heads = model.num_attention_heads
     if heads % par.tensor:
         raise config_error(
-            cfg, "parallel.tensor", f"{par.tensor} does not divide the {heads} attention heads"
+            cfg,
+            "parallel.tensor",
+            f"{par.tensor} does not divide the {heads} attention heads",
+            related=["model.num_attention_heads"],
         )
     groups = getattr(model, "num_query_groups", None)
     if groups and groups % par.tensor:
-        raise config_error(cfg, "parallel.tensor", f"{par.tensor} does not divide the {groups} query groups")
+        raise config_error(
+            cfg,
+            "parallel.tensor",
+            f"{par.tensor} does not divide the {groups} query groups",
+            related=["model.num_query_groups"],
+        )
     experts = model.moe.num_experts if model.moe is not None else None
     if par.expert > 1 and not experts:
         raise config_error(cfg, "parallel.expert", f"expert parallel {par.expert} needs an MoE model")
     if experts and experts % par.expert:
-        raise config_error(cfg, "parallel.expert", f"{par.expert} does not divide the {experts} experts")
+        raise config_error(
+            cfg,
+            "parallel.expert",
+            f"{par.expert} does not divide the {experts} experts",
+            related=["model.moe.num_experts"],
+        )
     _check_pipeline_split(cfg, model.num_layers)
     if par.virtual_pipeline is not None and par.pipeline < 2:
-        raise config_error(cfg, "parallel.virtual_pipeline", "needs parallel.pipeline >= 2")
+        raise config_error(
+            cfg, "parallel.virtual_pipeline", "needs parallel.pipeline >= 2", related=["parallel.pipeline"]
+        )
     if experts and par.tensor > 1 and not par.sequence_parallel:
         raise config_error(
-            cfg, "parallel.sequence_parallel", "MoE with tensor parallel needs sequence_parallel: true"
+            cfg,
+            "parallel.sequence_parallel",
+            "MoE with tensor parallel needs sequence_parallel: true",
+            related=["parallel.tensor"],
         )
     if par.sequence_parallel and par.tensor == 1:
-        raise config_error(cfg, "parallel.sequence_parallel", "needs parallel.tensor > 1")
+        raise config_error(
+            cfg, "parallel.sequence_parallel", "needs parallel.tensor > 1", related=["parallel.tensor"]
+        )
     shards = (par.tensor if par.sequence_parallel else 1) * (2 * par.context if par.context > 1 else 1)
     if cfg.data.seq_len % shards:
         raise config_error(
-            cfg, "data.seq_len", f"{cfg.data.seq_len} is not divisible by {shards} (sequence/context shards)"
+            cfg,
+            "data.seq_len",
+            f"{cfg.data.seq_len} is not divisible by {shards} (sequence/context shards)",
+            related=["parallel.tensor", "parallel.sequence_parallel", "parallel.context"],
         )
     if cfg.data.global_batch_size % (cfg.data.micro_batch_size * dp):
         raise config_error(
@@ -676,16 +700,22 @@ def _check_pipeline_split(cfg: TrainConfig, num_layers: int) -> None:
                 "parallel.pipeline",
                 f"pipeline*virtual_pipeline = {stages} does not divide the {num_layers} layers; "
                 "set parallel.first_stage_layers / last_stage_layers for an uneven split",
+                related=["parallel.virtual_pipeline", "model.num_layers"],
             )
         return
     for key, value in given.items():
         if par.pipeline < 2:
-            raise config_error(cfg, f"parallel.{key}", "needs parallel.pipeline >= 2")
+            raise config_error(
+                cfg, f"parallel.{key}", "needs parallel.pipeline >= 2", related=["parallel.pipeline"]
+            )
         if value < 1:
             raise config_error(cfg, f"parallel.{key}", f"must be >= 1, got {value}")
     if par.virtual_pipeline is not None:
         raise config_error(
-            cfg, "parallel.virtual_pipeline", "is not supported with first/last_stage_layers (untested here)"
+            cfg,
+            "parallel.virtual_pipeline",
+            "is not supported with first/last_stage_layers (untested here)",
+            related=[f"parallel.{key}" for key in given],
         )
     middle_stages = par.pipeline - len(given)
     middle_layers = num_layers - sum(given.values())
@@ -699,6 +729,7 @@ def _check_pipeline_split(cfg: TrainConfig, num_layers: int) -> None:
             "parallel.pipeline",
             f"{middle_layers} of the {num_layers} layers are left for {middle_stages} other "
             f"stage(s) after {given}: they must split evenly, at least one each",
+            related=[f"parallel.{key}" for key in given] + ["model.num_layers"],
         )
 
 
