@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from megatron_prefpack.data.records import ASSISTANT_MARKER, InvalidRecord, iter_records, parse_record
+from megatron_prefpack.data.records import (
+    ASSISTANT_MARKER,
+    MAX_JSON_DEPTH,
+    InvalidRecord,
+    UnreadableInput,
+    iter_lines,
+    iter_records,
+    parse_record,
+)
 from tests.fixtures.tokenizer_files import hh_lines
 
 PATH = "data.jsonl"
@@ -172,3 +180,67 @@ def test_iter_records_line_numbers_blank_lines_and_errors(tmp_path: Path, name: 
     lines = [line for line, _ in iter_records(path, on_invalid=skipped.append)]
     assert lines == [1, 4, 6]
     assert [e.line for e in skipped] == [5]
+
+
+def nested(depth: int) -> bytes:
+    """A pair whose ignored key ``x`` holds lists nested so that the record is ``depth`` levels deep."""
+    inner = depth - 1
+    return b'{"prompt": "Q", "chosen": "a", "rejected": "b", "x": ' + b"[" * inner + b"]" * inner + b"}"
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 100_000])
+def test_deeply_nested_json_is_an_invalid_record(depth: int) -> None:
+    # 100,000 levels is deeper than json's parser recurses (RecursionError), 101 parses but is refused
+    with pytest.raises(InvalidRecord) as info:
+        parse_record(nested(depth), PATH, 6)
+    assert (info.value.field, info.value.category) == ("<record>", "too_deep")
+    assert str(info.value) == f"{PATH}:6: field '<record>': nested deeper than {MAX_JSON_DEPTH} levels"
+    assert parse_record(nested(MAX_JSON_DEPTH), PATH, 6).responses == ("a", "b")
+
+
+def gzip_lines(path: Path, count: int) -> bytes:
+    """Compressed bytes of ``count`` numbered records (the ``.gz`` file is written too)."""
+    data = gzip.compress(
+        b"".join(
+            json.dumps({"prompt": f"Q{i} " * 40, "chosen": "a", "rejected": "b"}).encode() + b"\n"
+            for i in range(count)
+        )
+    )
+    path.write_bytes(data)
+    return data
+
+
+def read_until_error(path: Path) -> tuple[int, UnreadableInput]:
+    last = 0
+    with pytest.raises(UnreadableInput) as info:
+        for last, _ in iter_lines(path):  # noqa: B007 (last is read after the loop)
+            pass
+    return last, info.value
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda data: data[: len(data) // 2], "the compressed stream ends early"),
+        (lambda data: data[:-4], "the compressed stream ends early"),
+        (lambda data: data[:-8] + bytes(8), "corrupt compressed data: CRC check failed"),
+        (lambda data: b"plain text\n", "corrupt compressed data: Not a gzipped file"),
+    ],
+)
+def test_unreadable_gzip_names_the_file_and_the_last_good_line(tmp_path: Path, damage, reason: str) -> None:
+    path = tmp_path / "records.jsonl.gz"
+    path.write_bytes(damage(gzip_lines(path, 3000)))
+    last, error = read_until_error(path)
+    assert error.last_line == last and error.path == str(path)
+    assert str(error).startswith(f"{path}:{last + 1}: cannot read past line {last}: {reason}")
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == str(error) and copy.last_line == last
+
+
+def test_unreadable_input_is_not_skipped_as_an_invalid_record(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl.gz"
+    path.write_bytes(gzip_lines(path, 3000)[:-4])
+    skipped: list[InvalidRecord] = []
+    with pytest.raises(UnreadableInput, match=r"cannot read past line 3000"):
+        list(iter_records(path, on_invalid=skipped.append))
+    assert not skipped

@@ -244,3 +244,80 @@ def test_train_tokenizer_bad_input_exits_2(tmp_path: Path, capsys: pytest.Captur
     )
     err = capsys.readouterr().err
     assert f"{source}:2: field 'chosen'" in err and "Traceback" not in err
+
+
+CORRUPT_CONFIGS = [
+    (b'{"eos_token": "</s>",\n  "bos_token": }', r":2: invalid JSON: Expecting value at column 16"),
+    (b'["eos_token", "</s>"]', ": expected a JSON object, got list"),
+    (b'{"eos_token": "\xff"}', ": cannot read: 'utf-8' codec can't decode"),
+    (
+        b'{"eos_token": 2}',
+        ": field 'eos_token': expected a string or an object with a string 'content', got 2",
+    ),
+    (b'{"bos_token": {"content": 1}}', ": field 'bos_token': expected a string or an object"),
+    (b'{"pad_token": ["<pad>"]}', ": field 'pad_token': expected a string or an object"),
+    (b'{"add_bos_token": "no"}', ": field 'add_bos_token': expected true or false, got 'no'"),
+    (b'{"add_bos_token": 1}', ": field 'add_bos_token': expected true or false, got 1"),
+    (b'{"chat_template": 5}', ": field 'chat_template': must be a string"),
+    (
+        b'{"chat_template": [{"name": "tool_use", "template": "x"}]}',
+        ": field 'chat_template': a list without",
+    ),
+]
+
+
+@pytest.mark.parametrize(("content", "reason"), CORRUPT_CONFIGS)
+def test_corrupt_tokenizer_config_names_the_file(
+    hf_dir: Path, tmp_path: Path, content: bytes, reason: str
+) -> None:
+    (tmp_path / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    config = tmp_path / "tokenizer_config.json"
+    config.write_bytes(content)
+    with pytest.raises(TokenizerError) as info:
+        load_tokenizer(tmp_path)
+    assert str(info.value).startswith(f"{config.resolve()}{reason}")
+    with pytest.raises(ChatTemplateError) as info:
+        resolve_chat_template(str(config), None)
+    assert str(info.value).startswith(f"{config}{reason}")
+
+
+def test_corrupt_tokenizer_config_stops_preprocess_with_exit_2(
+    hf_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": "</s>"')
+    source = tmp_path / "in.jsonl"
+    source.write_text(hh_lines(1)[0] + "\n")
+    args = ["--input", str(source), "--tokenizer", str(tmp_path / "tok"), "--output", str(tmp_path / "ds")]
+    assert main(["preprocess", "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'tok' / 'tokenizer_config.json'}:1: invalid JSON" in err and "Traceback" not in err
+
+
+def test_non_utf8_jinja_template_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "t.jinja").write_bytes(b"{{ messages }}\xff")
+    with pytest.raises(
+        ChatTemplateError, match=r"t\.jinja: not a UTF-8 text file \(invalid start byte at byte 14\)"
+    ):
+        resolve_chat_template(str(tmp_path / "t.jinja"), None)
+
+
+def test_train_tokenizer_truncated_gzip_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import gzip
+
+    source = tmp_path / "hh.jsonl.gz"
+    source.write_bytes(gzip.compress(("\n".join(hh_lines(200)) + "\n").encode())[:-4])
+    args = [
+        "train-tokenizer",
+        "--input",
+        str(source),
+        "--output",
+        str(tmp_path / "tok"),
+        "--vocab-size",
+        "300",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{source}:201: cannot read past line 200: the compressed stream ends early" in err
+    assert "Traceback" not in err

@@ -130,16 +130,23 @@ def resolve_chat_template(name_or_path: str | None, tokenizer_template: str | No
             "a tokenizer_config.json or a Jinja file"
         )
     if path.suffix == ".json":
-        from megatron_prefpack.data.tokenizers import TokenizerError, template_from_config
+        from megatron_prefpack.data.tokenizers import (
+            TokenizerError,
+            read_tokenizer_config,
+            template_from_config,
+        )
 
         try:
-            source = template_from_config(json.loads(path.read_text(encoding="utf-8")), path)
-        except (json.JSONDecodeError, TokenizerError) as e:
-            raise ChatTemplateError(f"{path}: {e}") from None
+            source = template_from_config(read_tokenizer_config(path), path)
+        except TokenizerError as e:
+            raise ChatTemplateError(str(e)) from None
         if source is None:
             raise ChatTemplateError(f"{path}: has no chat_template")
         return ChatTemplate(str(path), source)
-    return ChatTemplate(str(path), path.read_text(encoding="utf-8"))
+    try:
+        return ChatTemplate(str(path), path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ChatTemplateError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
 
 
 def _tojson(value: Any, indent: int | None = None) -> str:

@@ -13,7 +13,13 @@ Truncation (``--max-prompt-len`` / ``--max-response-len``) keeps the prompt's en
 responses (see :func:`megatron_prefpack.data.groups.truncate`); it is counted in the
 summary. A group whose packed size still exceeds ``--seq-len`` is invalid input. Invalid
 input stops the run with an error naming file, line and field (exit code 2), or with
-``--skip-invalid`` is skipped, counted by reason and its first few locations listed.
+``--skip-invalid`` is skipped, counted by reason and its first few locations listed. An input
+that cannot be read to its end (a truncated ``.gz``) or an output that cannot be written (a
+full disk) always stops the run (exit code 2) and leaves no dataset behind.
+
+Groups with two responses of identical token ids (a pair whose chosen equals its rejected
+after truncation) are kept and counted (``identical_responses``, by kind): the trainer decides
+what to do with them.
 """
 
 from __future__ import annotations
@@ -33,7 +39,14 @@ import numpy as np
 
 from megatron_prefpack.data.chat_templates import ChatTemplate, ChatTemplateError, resolve_chat_template
 from megatron_prefpack.data.groups import TokenizedGroup, Truncation, truncate
-from megatron_prefpack.data.records import InvalidRecord, Record, is_blank, iter_lines, parse_record
+from megatron_prefpack.data.records import (
+    InvalidRecord,
+    Record,
+    UnreadableInput,
+    is_blank,
+    iter_lines,
+    parse_record,
+)
 from megatron_prefpack.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer
 
 
@@ -56,7 +69,9 @@ class PreprocessOptions:
 class PreprocessSummary:
     """What a run read, wrote, cut and dropped. Token counts are over written groups:
     ``packed_tokens`` is their size in the preference-packed layout, ``unshared_tokens``
-    their size with the prompt written once per response (the duplicated baseline)."""
+    their size with the prompt written once per response (the duplicated baseline).
+    ``identical_responses`` counts, by kind, written groups holding two responses with the
+    same token ids; ``identical_examples`` locates the first few."""
 
     input: str
     output: str
@@ -73,6 +88,8 @@ class PreprocessSummary:
     prompt_tokens_cut: int = 0
     responses_truncated: int = 0
     response_tokens_cut: int = 0
+    identical_responses: dict[str, int] = field(default_factory=dict)
+    identical_examples: list[str] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
     dropped_examples: list[str] = field(default_factory=list)
     roundtrip_checked: int = 0
@@ -88,7 +105,8 @@ class PreprocessSummary:
     def groups_per_s(self) -> float:
         return self.groups_written / self.seconds if self.seconds > 0 else 0.0
 
-    def add(self, group: TokenizedGroup, cut: Truncation) -> None:
+    def add(self, group: TokenizedGroup, cut: Truncation, line: int, max_examples: int) -> None:
+        """Count a written group (read from source ``line``) and what truncation cut from it."""
         self.groups_written += 1
         self.kinds[group.kind] = self.kinds.get(group.kind, 0) + 1
         self.responses += len(group.responses)
@@ -101,6 +119,10 @@ class PreprocessSummary:
         self.prompt_tokens_cut += cut.prompt_tokens
         self.responses_truncated += cut.responses
         self.response_tokens_cut += cut.response_tokens
+        if _has_identical_responses(group):
+            self.identical_responses[group.kind] = self.identical_responses.get(group.kind, 0) + 1
+            if len(self.identical_examples) < max_examples:
+                self.identical_examples.append(f"{self.input}:{line}")
 
     def drop(self, error: InvalidRecord, max_examples: int) -> None:
         self.dropped[error.category] = self.dropped.get(error.category, 0) + 1
@@ -120,6 +142,7 @@ class PreprocessSummary:
             f"packed {self.packed_tokens:,} vs {self.unshared_tokens:,} with prompts repeated",
             f"  prompts truncated   {self.prompts_truncated:,} ({self.prompt_tokens_cut:,} tokens cut)",
             f"  responses truncated {self.responses_truncated:,} ({self.response_tokens_cut:,} tokens cut)",
+            self._format_identical(),
             f"  groups dropped      {self.groups_dropped:,}"
             + "".join(f"\n    {reason}: {count:,}" for reason, count in sorted(self.dropped.items())),
         ]
@@ -131,6 +154,18 @@ class PreprocessSummary:
             )
         lines.append(f"  time                {self.seconds:.2f} s, {self.groups_per_s:,.0f} groups/s")
         return "\n".join(lines)
+
+    def _format_identical(self) -> str:
+        line = f"  identical responses {sum(self.identical_responses.values()):,} groups"
+        if not self.identical_responses:
+            return line
+        kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(self.identical_responses.items()))
+        return f"{line} ({kinds}; kept), e.g. {', '.join(self.identical_examples)}"
+
+
+def _has_identical_responses(group: TokenizedGroup) -> bool:
+    """Whether two of the group's responses have the same token ids (chosen == rejected for a pair)."""
+    return len({r.tobytes() for r in group.responses}) < len(group.responses)
 
 
 def tokenize_record(
@@ -309,8 +344,10 @@ def preprocess(
     """Preprocess a JSONL file of records into a dataset directory (see module docstring).
 
     Raises :class:`InvalidRecord` (first bad line, unless ``options.skip_invalid``),
-    :class:`TokenizerError`, :class:`ChatTemplateError`, :class:`FileNotFoundError` or
-    :class:`NoGroupsWritten`; on any error no dataset is left in ``output_dir``.
+    :class:`UnreadableInput`, :class:`TokenizerError`, :class:`ChatTemplateError`,
+    :class:`FileNotFoundError`, :class:`NoGroupsWritten` or
+    :class:`~megatron_prefpack.data.group_dataset.DatasetWriteError`; on any error no dataset
+    and no staging directory is left in ``output_dir``.
     """
     from tqdm import tqdm
 
@@ -359,7 +396,7 @@ def _collect(result: _ChunkResult, writer, summary: PreprocessSummary, options: 
         else:
             group, cut = outcome
             writer.add(group, line)
-            summary.add(group, cut)
+            summary.add(group, cut, line, options.max_examples)
     summary.roundtrip_checked += result.checked
     if result.mismatch is not None:
         summary.roundtrip_mismatches += 1
@@ -420,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         summary = preprocess(args.input, args.tokenizer, args.output, options)
-    except (InvalidRecord, TokenizerError, ChatTemplateError, NoGroupsWritten, OSError) as e:
+    except (InvalidRecord, UnreadableInput, TokenizerError, ChatTemplateError, NoGroupsWritten, OSError) as e:
         print(f"prefpack preprocess: error: {e}", file=sys.stderr)
         return 2
     print(summary.format())

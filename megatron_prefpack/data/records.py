@@ -16,9 +16,11 @@ keys not listed are ignored):
    one finite score per response) or ``{"prompt", "responses": [...]}`` (kind ``"multi"``,
    K SFT targets, e.g. a thinking and a non-thinking answer).
 
-Nothing is stripped or repaired: a malformed line, a missing or empty field or a wrong
-type raises :class:`InvalidRecord` naming the file, line and field. Blank lines (only
-whitespace) are not records; :func:`iter_lines` reports them so callers can count them.
+Nothing is stripped or repaired: a malformed line, a missing or empty field, a wrong type
+or JSON nested deeper than :data:`MAX_JSON_DEPTH` raises :class:`InvalidRecord` naming the
+file, line and field. Blank lines (only whitespace) are not records; :func:`iter_lines`
+reports them so callers can count them. A file that cannot be read to its end (a truncated
+or corrupt ``.gz``, an I/O error) raises :class:`UnreadableInput` naming the last good line.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,11 @@ from typing import Any
 
 ASSISTANT_MARKER = "\n\nAssistant:"
 """Turn boundary used to split implicit-prompt text pairs (HH-RLHF convention)."""
+
+MAX_JSON_DEPTH = 100
+"""Deepest nesting of objects and lists a record may have (the top-level object is level 1).
+Real records need a handful; the limit keeps the parser and the validation, both recursive,
+far from Python's recursion limit."""
 
 Message = dict[str, Any]
 """A chat message: at least ``role`` and ``content`` (both strings); other keys are kept
@@ -62,6 +70,21 @@ class InvalidRecord(Exception):
 
     def __reduce__(self) -> tuple:
         return (InvalidRecord, (self.path, self.line, self.field, self.reason, self.category))
+
+
+class UnreadableInput(Exception):
+    """An input file that cannot be read to its end: ``path``, the last line read completely
+    (``last_line``, 0 if none) and ``reason``. Not a record error: ``--skip-invalid`` does not
+    skip it, since nothing after the fault can be read."""
+
+    def __init__(self, path: str, last_line: int, reason: str) -> None:
+        self.path = path
+        self.last_line = last_line
+        self.reason = reason
+        super().__init__(f"{path}:{last_line + 1}: cannot read past line {last_line}: {reason}")
+
+    def __reduce__(self) -> tuple:
+        return (UnreadableInput, (self.path, self.last_line, self.reason))
 
 
 @dataclass(frozen=True)
@@ -100,9 +123,18 @@ def open_binary(path: str | Path):
 
 
 def iter_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(line_number, raw_line)`` for every line of the file, 1-based, bytes as stored."""
+    """Yield ``(line_number, raw_line)`` for every line of the file, 1-based, bytes as stored.
+
+    Raises :class:`UnreadableInput` when reading stops before the end of the file (only
+    complete lines are yielded before it); opening a missing file raises ``FileNotFoundError``.
+    """
+    line = 0
     with open_binary(path) as f:
-        yield from enumerate(f, start=1)
+        try:
+            for line, raw in enumerate(f, start=1):
+                yield line, raw
+        except (EOFError, zlib.error, OSError) as e:
+            raise UnreadableInput(str(path), line, _read_failure(e)) from None
 
 
 def is_blank(raw: bytes) -> bool:
@@ -121,7 +153,15 @@ def parse_record(raw: bytes, path: str, line: int) -> Record:
         raise InvalidRecord(
             path, line, "", f"malformed JSON: {e.msg} at column {e.colno}", "bad_json"
         ) from None
+    except RecursionError:  # deeper than the parser can go, so deeper than MAX_JSON_DEPTH
+        raise _too_deep(path, line) from None
+    if _nested_deeper_than(obj, text, MAX_JSON_DEPTH):
+        raise _too_deep(path, line)
     return _RecordParser(path, line).parse(obj)
+
+
+def _too_deep(path: str, line: int) -> InvalidRecord:
+    return InvalidRecord(path, line, "<record>", f"nested deeper than {MAX_JSON_DEPTH} levels", "too_deep")
 
 
 def iter_records(
@@ -325,6 +365,33 @@ class _RecordParser:
         if not math.isfinite(value):
             raise self.error(field, f"not a finite number: {value}", "bad_value")
         return float(value)
+
+
+def _read_failure(error: BaseException) -> str:
+    """What stopped reading a file, in words."""
+    if isinstance(error, EOFError):
+        return f"the compressed stream ends early (truncated file?): {error}"
+    if isinstance(error, zlib.error | gzip.BadGzipFile):
+        return f"corrupt compressed data: {error}"
+    return str(error)
+
+
+def _nested_deeper_than(obj: Any, text: str, limit: int) -> bool:
+    """Whether ``obj`` (parsed from ``text``) nests objects/lists more than ``limit`` levels.
+    Iterative; only walks ``obj`` when ``text`` has enough brackets to possibly be that deep."""
+    if text.count("{") + text.count("[") <= limit:
+        return False
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in value)
+    return False
 
 
 def _common_prefix_length(a: str, b: str) -> int:

@@ -14,13 +14,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from megatron_prefpack.data.records import InvalidRecord, iter_records
+from megatron_prefpack.data.records import InvalidRecord, UnreadableInput, iter_records
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
 
 def record_texts(path: str | Path) -> Iterator[str]:
-    """Every text of every record in ``path``; raises :class:`InvalidRecord` on a bad line."""
+    """Every text of every record in ``path``; raises :class:`InvalidRecord` on a bad line and
+    :class:`UnreadableInput` on a file that cannot be read to its end."""
     for _, record in iter_records(path):
         yield from record.texts()
 
@@ -69,10 +70,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         model = train_tokenizer(args.input, args.output, args.vocab_size, args.model_type, args.threads)
-    except (InvalidRecord, FileNotFoundError) as e:
-        print(f"prefpack train-tokenizer: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # SentencePiece reports bad settings (e.g. vocab too large) this way
+    # SentencePiece reports bad settings (e.g. a vocabulary too large) as RuntimeError.
+    except (InvalidRecord, UnreadableInput, OSError, RuntimeError) as e:
         print(f"prefpack train-tokenizer: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {model} (vocab {args.vocab_size}) in {time.perf_counter() - start:.1f} s")

@@ -25,7 +25,8 @@ _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
 
 
 class TokenizerError(Exception):
-    """A tokenizer file that cannot be used (missing, unreadable, no EOS token)."""
+    """A tokenizer file that cannot be used (missing, unreadable, no EOS token, a corrupt
+    ``tokenizer_config.json``). The message starts with the file at fault."""
 
 
 class Tokenizer(ABC):
@@ -116,8 +117,8 @@ class HFTokenizer(Tokenizer):
             raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         config_path = path.with_name("tokenizer_config.json")
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
         self.config_path = config_path if config_path.exists() else None
+        config = {} if self.config_path is None else read_tokenizer_config(config_path)
         self.eos_token = self._special(config, "eos_token", _EOS_NAMES)
         if self.eos_token is None:
             raise TokenizerError(
@@ -126,14 +127,16 @@ class HFTokenizer(Tokenizer):
         self.eos_id = self._id(self.eos_token)
         # A template may still render bos_token when add_bos_token is false: keep its text.
         self.bos_token = self._special(config, "bos_token", _BOS_NAMES)
-        adds_bos = self.bos_token is not None and config.get("add_bos_token") is not False
+        adds_bos = (
+            self.bos_token is not None and config.get("add_bos_token") is not False
+        )  # absent or null: true
         self.bos_id = self._id(self.bos_token) if adds_bos else None
         pad_token = self._special(config, "pad_token", _PAD_NAMES)
         self.pad_id = self.eos_id if pad_token is None else self._id(pad_token)
         self.chat_template = template_from_config(config, config_path)
 
     def _special(self, config: dict, key: str, conventional: tuple[str, ...]) -> str | None:
-        if key in config:
+        if key in config:  # null: the tokenizer has none
             value = config[key]
             return value["content"] if isinstance(value, dict) else value
         return next((name for name in conventional if self._tok.token_to_id(name) is not None), None)
@@ -156,16 +159,43 @@ class HFTokenizer(Tokenizer):
         return description
 
 
+def read_tokenizer_config(path: Path) -> dict[str, Any]:
+    """A parsed ``tokenizer_config.json`` whose keys this module reads have usable types: special
+    tokens (``bos_token``, ``eos_token``, ``pad_token``) strings or ``{"content": str}`` objects
+    or null, ``add_bos_token`` a boolean or null, a valid ``chat_template``. Raises
+    :class:`TokenizerError` naming the file (and line, for invalid JSON)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: cannot read: {e}") from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    for key in ("bos_token", "eos_token", "pad_token"):
+        value = config.get(key)
+        content = value.get("content") if isinstance(value, dict) else value
+        if value is not None and not isinstance(content, str):
+            raise TokenizerError(
+                f"{path}: field '{key}': expected a string or an object with a string 'content', got {value!r}"
+            )
+    add_bos = config.get("add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise TokenizerError(f"{path}: field 'add_bos_token': expected true or false, got {add_bos!r}")
+    template_from_config(config, path)
+    return config
+
+
 def template_from_config(config: dict, config_path: Path) -> str | None:
     """The ``chat_template`` of a parsed tokenizer_config.json (the ``default`` one when named)."""
     template = config.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         if "default" not in named:
-            raise TokenizerError(f"{config_path}: chat_template is a list without a 'default' entry")
+            raise TokenizerError(f"{config_path}: field 'chat_template': a list without a 'default' entry")
         template = named["default"]
     if template is not None and not isinstance(template, str):
-        raise TokenizerError(f"{config_path}: chat_template must be a string")
+        raise TokenizerError(f"{config_path}: field 'chat_template': must be a string")
     return template
 
 
