@@ -18,7 +18,7 @@ from megatron_prefpack.data.group_dataset import KINDS, GroupDataset
 from megatron_prefpack.data.groups import TokenizedGroup
 from megatron_prefpack.data.packing import GroupLengths, PackingConfig, PackingPlan, pack, row_length_multiple
 from megatron_prefpack.data.sampler import PackedRowDataset, PackedRowSampler
-from megatron_prefpack.training.config import ConfigError, TrainConfig
+from megatron_prefpack.training.config import ConfigError, TrainConfig, config_error
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -121,12 +121,14 @@ def _check_preferences(cfg: TrainConfig, dataset: GroupDataset) -> None:
     bad = groups_without_preference(dataset)
     if len(bad):
         lines = [dataset[int(g)].meta["line"] for g in bad[:5]]
-        raise ConfigError(
-            f"{cfg.source}: objective.type: dpo trains each group's response 0 (chosen) against "
+        raise config_error(
+            cfg,
+            "objective.type",
+            "dpo trains each group's response 0 (chosen) against "
             f"response 1 (rejected), but {len(bad)} of {len(dataset)} groups in {cfg.data.path} state "
             f"no such preference ('multi' groups, or 'ranked' ones whose first response does not "
             f"score strictly higher than the second; source lines {lines}). Train them with "
-            "objective.type rm or sft, or reorder/filter them before preprocessing"
+            "objective.type rm or sft, or reorder/filter them before preprocessing",
         )
 
 
@@ -157,9 +159,11 @@ def build_data(cfg: TrainConfig, tensor_parallel: int, context_parallel: int) ->
     except ValueError as err:
         raise ConfigError(f"{cfg.source}: data: {err}") from None
     if train_plan.num_rows < cfg.data.global_batch_size:
-        raise ConfigError(
-            f"{cfg.source}: data.global_batch_size: {cfg.data.global_batch_size} rows, but the training "
-            f"split packs into only {train_plan.num_rows} rows"
+        raise config_error(
+            cfg,
+            "data.global_batch_size",
+            f"{cfg.data.global_batch_size} rows, but the training "
+            f"split packs into only {train_plan.num_rows} rows",
         )
     pad_multiple = row_length_multiple(tensor_parallel, context_parallel, cfg.parallel.sequence_parallel)
     # Dynamic padding shortens unpacked rows; pipeline stages need one fixed row length.

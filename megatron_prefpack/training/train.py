@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_prefpack.training.config import ConfigError, TrainConfig, load_config
+from megatron_prefpack.training.config import ConfigError, TrainConfig, config_error, load_config
 
 DPO_KEYS = [
     "count",
@@ -129,9 +129,7 @@ def _objective(cfg: TrainConfig) -> tuple[Any, list[str]]:
         return objectives.DPOObjective(cfg.objective.dpo, cp_group=cp_group), DPO_KEYS
     if kind == "rm":
         if cfg.parallel.context > 1:
-            raise ConfigError(
-                f"{cfg.source}: parallel.context: reward models do not support context parallelism"
-            )
+            raise config_error(cfg, "parallel.context", "reward models do not support context parallelism")
         return objectives.RewardObjective(cfg.objective.rm.center_coefficient), RM_KEYS
     sft = cfg.objective.sft
     return objectives.SFTObjective(
@@ -216,11 +214,12 @@ def _check_vocab(cfg: TrainConfig, model_cfg: Any, dataset: Any) -> None:
     """The model's embedding must cover every id the dataset's tokenizer can produce."""
     tokenizer_vocab = dataset.info.get("tokenizer", {}).get("vocab_size")
     if tokenizer_vocab is not None and model_cfg.vocab_size < tokenizer_vocab:
-        key = "model.vocab_size"
-        line = cfg.lines.get(key)
-        raise ConfigError(
-            f"{cfg.source}{f':{line}' if line else ''}: {key}: {model_cfg.vocab_size} is smaller than "
-            f"the vocabulary of the dataset's tokenizer ({tokenizer_vocab}, {cfg.data.path}/dataset.json)"
+        raise config_error(
+            cfg,
+            "model.vocab_size",
+            f"{model_cfg.vocab_size} is smaller than the vocabulary of the dataset's tokenizer "
+            f"({tokenizer_vocab}, {cfg.data.path}/dataset.json)",
+            related=["model.preset", "data.path"],
         )
 
 
@@ -354,9 +353,11 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
             if reference_load is not None:
                 checkpoint.load(reference_load, reference_chunks, restore_rng=False)
             elif resume:
-                raise ConfigError(
-                    f"{cfg.source}: reference.load: resuming with an online reference needs its "
-                    "checkpoint (this run did not start from a weights-only checkpoint.load)"
+                raise config_error(
+                    cfg,
+                    "reference.load",
+                    "resuming with an online reference needs its checkpoint (this run did not "
+                    "start from a weights-only checkpoint.load)",
                 )
             else:  # the reference is the policy's starting point
                 for ref_chunk, chunk in zip(reference_chunks, chunks, strict=True):
