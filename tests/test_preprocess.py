@@ -12,7 +12,7 @@ import pytest
 
 from megatron_prefpack.cli import main
 from megatron_prefpack.data.chat_templates import resolve_chat_template
-from megatron_prefpack.data.group_dataset import GroupDataset
+from megatron_prefpack.data.group_dataset import KINDS, GroupDataset, content_fingerprint
 from megatron_prefpack.data.preprocess import PreprocessOptions, preprocess, tokenize_record
 from megatron_prefpack.data.records import InvalidRecord, iter_records, parse_record
 from megatron_prefpack.data.tokenizers import load_tokenizer
@@ -155,6 +155,53 @@ def test_round_trip_every_format(sp_path: Path, mixed_file: Path, tmp_path: Path
     assert copy[2].responses[2].tolist() == dataset[2].responses[2].tolist()
 
 
+def test_kinds_and_response_scores_without_materialising_groups(
+    sp_path: Path, mixed_file: Path, tmp_path: Path
+) -> None:
+    preprocess(mixed_file, sp_path, tmp_path / "ds", PreprocessOptions(chat_template="chatml"))
+    dataset = GroupDataset(tmp_path / "ds")
+    assert dataset.kinds.dtype == np.uint8 and dataset.kinds.shape == (10,)
+    assert [KINDS[k] for k in dataset.kinds] == [dataset[i].kind for i in range(10)]
+    assert dataset.response_scores(0).tolist() == [1.0, 0.0]
+    assert dataset.response_scores(2).dtype == np.float64 and dataset.response_scores(2).tolist() == [
+        2.0,
+        1.0,
+        -1.0,
+    ]
+    assert np.isnan(dataset.response_scores(3)).all() and dataset.response_scores(-1).tolist() == [1.0, 0.0]
+    with pytest.raises(IndexError):
+        dataset.response_scores(10)
+    with pytest.raises(ValueError, match="read-only"):
+        dataset.kinds[0] = 2
+    with pytest.raises(ValueError, match="read-only"):
+        dataset.response_scores(0)[0] = 0.0
+    assert dataset.vocab_size == load_tokenizer(sp_path).vocab_size and dataset.pad_id == 3
+
+
+def test_fingerprint_identifies_the_content(sp_path: Path, mixed_file: Path, tmp_path: Path) -> None:
+    preprocess(mixed_file, sp_path, tmp_path / "ds", PreprocessOptions(chat_template="chatml"))
+    info_path = tmp_path / "ds" / "dataset.json"
+    recorded = json.loads(info_path.read_text())["fingerprint"]
+    assert re.fullmatch("[0-9a-f]{64}", recorded)
+    assert GroupDataset(tmp_path / "ds").fingerprint == recorded == content_fingerprint(tmp_path / "ds")
+
+    # a dataset written before the field existed: computed from the files, the same value
+    info = json.loads(info_path.read_text())
+    del info["fingerprint"]
+    info_path.write_text(json.dumps(info))
+    assert GroupDataset(tmp_path / "ds").fingerprint == recorded
+
+    # other options, other data: another fingerprint; one token changed: another fingerprint
+    preprocess(
+        mixed_file, sp_path, tmp_path / "cut", PreprocessOptions(chat_template="chatml", max_response_len=3)
+    )
+    assert GroupDataset(tmp_path / "cut").fingerprint != recorded
+    tokens = bytearray((tmp_path / "ds" / "groups.bin").read_bytes())
+    tokens[0] ^= 1
+    (tmp_path / "ds" / "groups.bin").write_bytes(bytes(tokens))
+    assert content_fingerprint(tmp_path / "ds") != recorded
+
+
 def test_files_are_a_megatron_indexed_dataset(sp_path: Path, mixed_file: Path, tmp_path: Path) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -173,6 +220,7 @@ def test_worker_count_does_not_change_output(hf_dir: Path, tmp_path: Path) -> No
         preprocess(source, hf_dir, tmp_path / f"w{workers}", options)
     for name in ("groups.bin", "groups.idx", "kinds.npy", "margins.npy", "lines.npy", "scores.npy"):
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+    assert GroupDataset(tmp_path / "w1").fingerprint == GroupDataset(tmp_path / "w2").fingerprint
     one, two = (json.loads((tmp_path / f"w{w}" / "dataset.json").read_text())["summary"] for w in (1, 2))
     for key in ("groups_written", "packed_tokens", "responses_truncated", "dropped"):
         assert one[key] == two[key]
@@ -339,3 +387,32 @@ def test_lossy_tokenizer_is_reported(
     assert f"WARNING: tokenizer does not reproduce the text for 3 of 3 sampled records (e.g. {source}:1)" in (
         capsys.readouterr().out
     )
+
+
+def test_identical_responses_are_kept_and_counted(
+    sp_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = [
+        RECORDS[0],
+        {"prompt": "Same?", "chosen": " Yes.", "rejected": " Yes."},
+        {"prompt": "Rank.", "responses": [" a", " b", " a"], "scores": [1, 2, 3]},
+        {"prompt": "Cut.", "chosen": " Blue sky today", "rejected": " Blue sea today"},
+        RECORDS[2],
+    ]
+    source = write_jsonl(tmp_path / "in.jsonl", records)
+    tokenizer = load_tokenizer(sp_path)
+    sky, sea = tokenizer.encode(" Blue sky today"), tokenizer.encode(" Blue sea today")
+    shared = next(i for i, (a, b) in enumerate(zip(sky, sea, strict=False)) if a != b)  # cut to this, equal
+    assert shared > 0
+    args = ["--input", str(source), "--tokenizer", str(sp_path), "--workers", "1"]
+    assert run_cli(*args, "--output", str(tmp_path / "ds"), "--max-response-len", str(shared)) == 0
+    printed = capsys.readouterr().out
+    summary = GroupDataset(tmp_path / "ds").info["summary"]
+    assert summary["groups_written"] == 5
+    assert summary["identical_responses"] == {"pair": 2, "ranked": 1}
+    assert summary["identical_examples"] == [f"{source}:{n}" for n in (2, 3, 4)]
+    assert f"identical responses 3 groups (pair 2, ranked 1; kept), e.g. {source}:2, {source}:3" in printed
+
+    assert run_cli(*args, "--output", str(tmp_path / "full")) == 0
+    assert GroupDataset(tmp_path / "full").info["summary"]["identical_responses"] == {"pair": 1, "ranked": 1}
+    assert "identical responses 2 groups" in capsys.readouterr().out

@@ -52,7 +52,8 @@ _SIDECAR_DTYPES: dict[str, type[np.generic]] = {
 }
 DATA_FILES = (f"{PREFIX}.idx", f"{PREFIX}.bin", *_SIDECAR_DTYPES)
 """The files :func:`content_fingerprint` covers, in its order."""
-_INDEX_HEADER_BYTES = 34  # Megatron's .idx version 1: magic 9, version 8, dtype code 1, two counts 8 each
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"  # Megatron's .idx version 1: this magic, then version (uint64),
+_INDEX_HEADER = struct.Struct("<9sQBQQ")  # token dtype code (uint8), sequence and document counts (uint64)
 _HASH_BLOCK = 4 << 20
 
 
@@ -365,32 +366,52 @@ def _is_sha256(value: Any) -> bool:
 
 
 def _open_index(directory: Path):
-    """Megatron's memory-mapped ``IndexedDataset`` over ``groups.idx``/``groups.bin``; its reader's
-    assertion, struct and buffer errors on a corrupt file become :class:`DatasetError`."""
+    """Megatron's memory-mapped ``IndexedDataset`` over ``groups.idx``/``groups.bin``, after
+    checking the index header and size so that Megatron's reader (whose asserts name no cause
+    and whose cleanup fails on a half-built object) only sees a well-formed file."""
     idx, bin_path = directory / f"{PREFIX}.idx", directory / f"{PREFIX}.bin"
     for path in (idx, bin_path):
         if not path.is_file():
             raise DatasetError(f"{path}: missing")
     if bin_path.stat().st_size == 0:
         raise DatasetError(f"{bin_path}: empty")
+    _check_index_header(idx)
     try:
         return _indexed_dataset_module().IndexedDataset(str(directory / PREFIX), mmap=True)
     except (AssertionError, struct.error, ValueError, KeyError, IndexError, OSError) as e:
-        raise DatasetError(f"{idx}: not a readable Megatron index ({type(e).__name__}: {e})") from None
+        cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise DatasetError(f"{idx}: not a readable Megatron index ({cause})") from None
 
 
-def _check_index(directory: Path, index, info: dict[str, Any]) -> None:
-    """The index agrees with itself, with ``groups.bin`` and with ``dataset.json``'s token dtype:
-    exact file sizes, documents that are groups (a prompt and at least one response), positive
-    sequence lengths, pointers that follow the lengths."""
-    idx, bin_path = directory / f"{PREFIX}.idx", directory / f"{PREFIX}.bin"
-    sequences, documents = index.sequence_count, index.document_count
-    expected = _INDEX_HEADER_BYTES + 12 * sequences + 8 * documents  # int32 lengths, int64 pointers
+def _check_index_header(idx: Path) -> None:
+    """Magic, version, token dtype code, and a file size that matches the header's counts."""
+    with open(idx, "rb") as f:
+        header = f.read(_INDEX_HEADER.size)
+    if len(header) < _INDEX_HEADER.size:
+        raise DatasetError(f"{idx}: not a Megatron index ({len(header)} bytes, shorter than its header)")
+    magic, version, code, sequences, documents = _INDEX_HEADER.unpack(header)
+    if magic != _INDEX_MAGIC:
+        raise DatasetError(f"{idx}: not a Megatron index (starts with {magic!r}, expected {_INDEX_MAGIC!r})")
+    if version != 1:
+        raise DatasetError(f"{idx}: Megatron index version {version}, expected 1")
+    if code not in {d.value for d in _indexed_dataset_module().DType}:
+        raise DatasetError(f"{idx}: unknown token dtype code {code}")
+    expected = (
+        _INDEX_HEADER.size + 12 * sequences + 8 * documents
+    )  # int32 lengths, int64 pointers and documents
     if idx.stat().st_size != expected:
         raise DatasetError(
             f"{idx}: {idx.stat().st_size} bytes, but its header's counts ({sequences} sequences, "
             f"{documents} document indices) need {expected}"
         )
+
+
+def _check_index(directory: Path, index, info: dict[str, Any]) -> None:
+    """The index agrees with itself, with ``groups.bin`` and with ``dataset.json``'s token dtype:
+    documents that are groups (a prompt and at least one response), positive sequence lengths,
+    pointers that follow the lengths, the exact ``.bin`` size."""
+    idx, bin_path = directory / f"{PREFIX}.idx", directory / f"{PREFIX}.bin"
+    sequences, documents = index.sequence_count, index.document_count
     starts = index.document_indices
     if documents < 2 or starts[0] != 0 or starts[-1] != sequences or (np.diff(starts) < 2).any():
         raise DatasetError(
