@@ -7,14 +7,21 @@ weights and is saved with ``save_pretrained``. Its weights reach this package's 
 model through ``models.hf_deepseek`` (in process) and through ``tools/convert_hf_checkpoint.py``
 (one process, expert parallel 2, uneven pipeline 2) plus ``dist_checkpointing``. Each response's
 log-probs from preference-packed rows must equal those of Hugging Face running prompt + response
-alone.
+alone. Broken inputs (config, index, truncated or corrupt shards, a tensor the model needs but
+the checkpoint lacks, a split the model does not allow) stop the converter with
+``convert_hf_checkpoint: <file>: reason`` and exit 2 on every rank, also when one rank alone
+meets them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +242,169 @@ def test_config_translation_refuses_what_megatron_computes_differently(change, m
         base.update(change)
     with pytest.raises(ConversionError, match=message.replace("(", r"\(")):
         model_config_from_hf(base)
+
+
+def convert(argv: list[str]) -> tuple[int, str]:
+    """``tools/convert_hf_checkpoint.py`` run in this process: its exit status and stderr."""
+    spec = importlib.util.spec_from_file_location(
+        "convert_hf_checkpoint", REPO / "tools" / "convert_hf_checkpoint.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = tool.main(argv)
+    return status, err.getvalue()
+
+
+def indexed_copy(source: Path, target: Path, drop: tuple[str, ...] = ()) -> Path:
+    """``source`` with a ``model.safetensors.index.json`` that maps every tensor but ``drop``."""
+    from safetensors import safe_open
+
+    shutil.copytree(source, target)
+    with safe_open(target / "model.safetensors", framework="pt") as f:
+        weight_map = {name: "model.safetensors" for name in f.keys() if name not in drop}  # noqa: SIM118
+    (target / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return target
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _set_field(path: Path, key: str, value) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+
+
+def _add_index_entry(index: Path, tensor: str, file: str) -> None:
+    weight_map = json.loads(index.read_text())["weight_map"]
+    index.write_text(json.dumps({"weight_map": {**weight_map, tensor: file}}))
+
+
+BROKEN_INPUTS = {
+    # name: (how the copy is broken, the file named ("": the directory), what the message says)
+    "no_config": (lambda d: (d / "config.json").unlink(), "config.json", "No such file or directory"),
+    "config_not_json": (
+        lambda d: (d / "config.json").write_text("{\n  oops"),
+        "config.json:2",
+        "invalid JSON",
+    ),
+    "config_a_list": (
+        lambda d: (d / "config.json").write_text("[]"),
+        "config.json",
+        "expected a JSON object",
+    ),
+    "config_wrong_type": (
+        lambda d: _set_field(d / "config.json", "hidden_size", "64"),
+        "config.json",
+        "field 'hidden_size': expected int, got '64'",
+    ),
+    "config_out_of_range": (
+        lambda d: _set_field(d / "config.json", "num_hidden_layers", 0),
+        "config.json",
+        "num_layers: must be >= 1",
+    ),
+    "truncated_shard": (
+        lambda d: _truncate(d / "model.safetensors"),
+        "model.safetensors",
+        "unreadable safetensors file",
+    ),
+    "corrupt_shard": (
+        lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json"),
+        "model.safetensors",
+        "unreadable safetensors file",
+    ),
+    "no_shard": (lambda d: (d / "model.safetensors").unlink(), "", "no *.safetensors files"),
+    "index_not_json": (
+        lambda d: (d / "model.safetensors.index.json").write_text("{"),
+        "model.safetensors.index.json:1",
+        "invalid JSON",
+    ),
+    "index_without_weight_map": (
+        lambda d: (d / "model.safetensors.index.json").write_text("{}"),
+        "model.safetensors.index.json",
+        "needs a 'weight_map' object",
+    ),
+    "indexed_shard_missing": (
+        lambda d: (d / "model.safetensors").rename(d / "other.safetensors"),
+        "model.safetensors",
+        "no such file",
+    ),
+    "indexed_shard_truncated": (
+        lambda d: _truncate(d / "model.safetensors"),
+        "model.safetensors",
+        "unreadable safetensors file",
+    ),
+    "indexed_tensor_not_in_shard": (
+        lambda d: _add_index_entry(d / "model.safetensors.index.json", "extra.weight", "model.safetensors"),
+        "model.safetensors",
+        "has no tensor 'extra.weight', which model.safetensors.index.json places there",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_INPUTS))
+def test_converter_names_the_broken_file_and_exits_2(hf_checkpoint, case, tmp_path) -> None:
+    """Bad files stop the converter before any model is built: ``<file>: reason``, exit 2."""
+    break_copy, file, says = BROKEN_INPUTS[case]
+    copy = tmp_path / "hf"
+    if case.startswith("index"):
+        indexed_copy(hf_checkpoint[0], copy)
+    else:
+        shutil.copytree(hf_checkpoint[0], copy)
+    break_copy(copy)
+    status, err = convert(["--hf-dir", str(copy), "--output", str(tmp_path / "out")])
+    where = copy / file if file else copy
+    assert status == 2 and f"convert_hf_checkpoint: {where}" in err and says in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("storage", ["indexed", "scanned"])
+def test_converter_names_a_tensor_the_model_needs_but_the_checkpoint_lacks(hf_checkpoint, storage, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "hf"
+    if storage == "indexed":
+        indexed_copy(hf_checkpoint[0], copy, drop=("model.norm.weight",))
+        source = copy / "model.safetensors.index.json"
+    else:
+        shutil.copytree(hf_checkpoint[0], copy)
+        tensors = load_file(copy / "model.safetensors")
+        del tensors["model.norm.weight"]
+        save_file(tensors, copy / "model.safetensors")
+        source = f"{copy}/*.safetensors"
+    status, err = convert(["--hf-dir", str(copy), "--output", str(tmp_path / "out"), "--dtype", "float32"])
+    assert status == 2 and "Traceback" not in err, err
+    assert f"convert_hf_checkpoint: {source}: no entry for tensor 'model.norm.weight' (rank 0)" in err
+
+
+def _convert_on_rank(argv: list[str]) -> tuple[int, str]:
+    return convert(argv)
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_stops_every_rank(hf_checkpoint, tmp_path) -> None:
+    """Under expert parallel 2 only rank 1 reads experts 4-7: a tensor of one missing there
+    must not leave rank 0 waiting for it. Both ranks exit 2; rank 0 names the tensor and the rank."""
+    from tests.distributed import run_distributed
+
+    lost = "model.layers.1.mlp.experts.5.down_proj.weight"
+    copy = indexed_copy(hf_checkpoint[0], tmp_path / "hf", drop=(lost,))
+    argv = ["--hf-dir", str(copy), "--output", str(tmp_path / "out"), "--dtype", "float32", "--expert", "2"]
+    (status0, err0), (status1, err1) = run_distributed(_convert_on_rank, 2, argv, timeout=120)
+    assert status0 == status1 == 2 and "convert_hf_checkpoint" not in err1, err0 + err1
+    assert f"no entry for tensor '{lost}' (rank 1)" in err0 and "Traceback" not in err0
+    assert not (tmp_path / "out" / "latest").exists()
+
+
+def test_converter_refuses_a_split_the_model_does_not_allow_and_an_unusable_output(hf_checkpoint, tmp_path):
+    directory = str(hf_checkpoint[0])
+    status, err = convert(
+        ["--hf-dir", directory, "--output", str(tmp_path / "out"), "--first-stage-layers", "5"]
+    )
+    assert status == 2 and "--first-stage-layers 5" in err and "(rank 0)" in err and "Traceback" not in err, (
+        err
+    )
+    (tmp_path / "taken").write_text("")
+    status, err = convert(["--hf-dir", directory, "--output", str(tmp_path / "taken")])
+    assert status == 2 and f"convert_hf_checkpoint: {tmp_path / 'taken'}: File exists" in err, err

@@ -14,15 +14,27 @@ section of the training config that matches it.
 
 FP8 weights (block-scaled, ``weight_scale_inv``) are dequantized. Tensors the model does not use
 (e.g. DeepSeek-V3's multi-token-prediction layer) are counted and listed, not converted.
+
+Bad input stops every rank with exit status 2 and ``convert_hf_checkpoint: <file>: reason``, never
+a traceback: a missing or invalid ``config.json`` or ``model.safetensors.index.json``, a missing,
+truncated or corrupt shard (all shard headers are checked before any model is built), a tensor
+the model needs that the checkpoint lacks or has in another shape (named with the rank), or a
+pipeline/expert split the model does not allow.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from megatron_prefpack.models.config import ModelConfig
+    from megatron_prefpack.models.hf_deepseek import SafetensorsCheckpoint
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,44 +73,33 @@ def _progress(rank: int, start: float):
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import dataclasses
+def _fail(message: str) -> int:
+    print(f"convert_hf_checkpoint: {message}", file=sys.stderr)
+    return 2
 
+
+def _agree_on_failure(error: str | None) -> bool:
+    """Every rank learns whether any rank failed (so none waits for a peer that gave up);
+    rank 0 prints each distinct failure once, with the ranks it happened on."""
     import torch.distributed as dist
-    import yaml
 
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if dist.get_rank() == 0:
+        for message in dict.fromkeys(e for e in errors if e is not None):
+            ranks = ", ".join(str(r) for r, e in enumerate(errors) if e == message)
+            _fail(f"{message} (rank {ranks})")
+    return any(e is not None for e in errors)
+
+
+def _build_chunk(args: argparse.Namespace, cfg: ModelConfig) -> torch.nn.Module:
+    """This rank's model chunk; a pipeline or expert split Megatron refuses raises
+    ``ConversionError`` naming the flags."""
     from megatron_prefpack.models.builder import build_model
     from megatron_prefpack.models.config import to_transformer_config
-    from megatron_prefpack.models.hf_deepseek import (
-        ConversionError,
-        SafetensorsCheckpoint,
-        fill_model,
-        model_config_from_hf,
-    )
-    from megatron_prefpack.platform import distributed as platform
-    from megatron_prefpack.training import checkpoint
-
-    config_file = args.hf_dir / "config.json"
-    try:
-        hf_config = json.loads(config_file.read_text())
-        cfg = model_config_from_hf(
-            hf_config, post_moe_norm=args.post_moe_norm_key is not None, name=args.hf_dir.name
-        )
-        cfg = dataclasses.replace(cfg, params_dtype=args.dtype)
-        source = SafetensorsCheckpoint(args.hf_dir)
-    except (OSError, ValueError) as err:
-        print(f"convert_hf_checkpoint: {config_file}: {err}", file=sys.stderr)
-        return 2
+    from megatron_prefpack.models.hf_deepseek import ConversionError
 
     try:
-        platform.initialize(pipeline_parallel=args.pipeline, expert_parallel=args.expert)
-    except ValueError as err:
-        print(f"convert_hf_checkpoint: {err}", file=sys.stderr)
-        return 2
-    rank = dist.get_rank()
-    try:
-        start = time.monotonic()
         tcfg = to_transformer_config(
             cfg,
             pipeline_parallel=args.pipeline,
@@ -106,31 +107,82 @@ def main(argv: list[str] | None = None) -> int:
             num_layers_in_first_pipeline_stage=args.first_stage_layers,
             num_layers_in_last_pipeline_stage=args.last_stage_layers,
         )
-        model = build_model(cfg, tcfg)
-        try:
-            filled = fill_model(
-                model, source, post_moe_norm_key=args.post_moe_norm_key, progress=_progress(rank, start)
-            )
-        except ConversionError as err:
-            print(f"convert_hf_checkpoint: rank {rank}: {err}", file=sys.stderr)
-            return 2
-        print(f"[convert] rank {rank}: {filled} tensors in {time.monotonic() - start:.1f} s", flush=True)
-        used: list[set[str] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(used, source.used)
-        model_yaml = yaml.safe_dump({"model": dataclasses.asdict(cfg)}, sort_keys=False)
-        state = checkpoint.CheckpointState(0, 0, None, "lm", model_yaml, dist.get_world_size())
-        path = checkpoint.save(args.output, state, [model], None, keep=0)
-        if rank == 0:
-            ignored = sorted(set(source.files) - set().union(*used))
-            (args.output / "model.yaml").write_text(model_yaml)
-            print(f"[convert] wrote {path} and {args.output / 'model.yaml'}")
-            print(
-                f"[convert] {len(ignored)} checkpoint tensors not used"
-                + (f", e.g. {ignored[:3]}" if ignored else "")
-            )
+    except ValueError as err:
+        raise ConversionError(
+            f"--pipeline {args.pipeline} --expert {args.expert} --first-stage-layers "
+            f"{args.first_stage_layers} --last-stage-layers {args.last_stage_layers}: {err}"
+        ) from err
+    return build_model(cfg, tcfg)
+
+
+def _convert(args: argparse.Namespace, cfg: ModelConfig, source: SafetensorsCheckpoint) -> int:
+    """Build this rank's model chunk, fill it from ``source`` and save; 2 if any rank failed."""
+    import dataclasses
+
+    import torch.distributed as dist
+    import yaml
+
+    from megatron_prefpack.models.hf_deepseek import ConversionError, fill_model
+    from megatron_prefpack.training import checkpoint
+
+    rank = dist.get_rank()
+    start = time.monotonic()
+    error = None
+    try:
+        model = _build_chunk(args, cfg)
+        filled = fill_model(
+            model, source, post_moe_norm_key=args.post_moe_norm_key, progress=_progress(rank, start)
+        )
+    except ConversionError as err:
+        error = str(err)
+    if _agree_on_failure(error):
+        return 2
+    print(f"[convert] rank {rank}: {filled} tensors in {time.monotonic() - start:.1f} s", flush=True)
+    used: list[set[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(used, source.used)
+    model_yaml = yaml.safe_dump({"model": dataclasses.asdict(cfg)}, sort_keys=False)
+    state = checkpoint.CheckpointState(0, 0, None, "lm", model_yaml, dist.get_world_size())
+    path = checkpoint.save(args.output, state, [model], None, keep=0)
+    if rank == 0:
+        ignored = sorted(set(source.files) - set().union(*used))
+        (args.output / "model.yaml").write_text(model_yaml)
+        print(f"[convert] wrote {path} and {args.output / 'model.yaml'}")
+        print(
+            f"[convert] {len(ignored)} checkpoint tensors not used"
+            + (f", e.g. {ignored[:3]}" if ignored else "")
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Convert; bad input (files, config, arguments) prints ``convert_hf_checkpoint: <file>: reason``
+    and returns 2 on every rank."""
+    args = parse_args(argv)
+    import dataclasses
+
+    from megatron_prefpack.models.hf_deepseek import (
+        ConversionError,
+        SafetensorsCheckpoint,
+        read_model_config,
+    )
+    from megatron_prefpack.platform import distributed as platform
+
+    try:
+        cfg = read_model_config(args.hf_dir, post_moe_norm=args.post_moe_norm_key is not None)
+        source = SafetensorsCheckpoint(args.hf_dir)
+        args.output.mkdir(parents=True, exist_ok=True)
+    except ConversionError as err:
+        return _fail(str(err))
+    except OSError as err:
+        return _fail(f"{args.output}: {err.strerror or err}")
+    try:
+        platform.initialize(pipeline_parallel=args.pipeline, expert_parallel=args.expert)
+    except ValueError as err:
+        return _fail(str(err))
+    try:
+        return _convert(args, dataclasses.replace(cfg, params_dtype=args.dtype), source)
     finally:
         platform.destroy()
-    return 0
 
 
 if __name__ == "__main__":
