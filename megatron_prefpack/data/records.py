@@ -51,8 +51,9 @@ class InvalidRecord(Exception):
     """A record that cannot be used as it is.
 
     ``path`` and ``line`` (1-based) locate it, ``field`` names the offending value as a
-    JSON path (``"chosen"``, ``"prompt[2].content"``, ``"responses[1]"``) or ``""`` when the
-    whole line is at fault (not UTF-8, not JSON, group too long), ``reason`` says what is
+    JSON path (``"chosen"``, ``"prompt[2].content"``, ``"responses[1]"``), ``""`` when the
+    whole line is at fault (not UTF-8, not JSON, group too long) or ``"<record>"`` when it
+    nests deeper than :data:`MAX_JSON_DEPTH`, ``reason`` says what is
     wrong and ``category`` is a short stable key used to count drops in summaries.
     """
 
@@ -72,10 +73,11 @@ class InvalidRecord(Exception):
         return (InvalidRecord, (self.path, self.line, self.field, self.reason, self.category))
 
 
-class UnreadableInput(Exception):
+class UnreadableInput(ValueError):
     """An input file that cannot be read to its end: ``path``, the last line read completely
     (``last_line``, 0 if none) and ``reason``. Not a record error: ``--skip-invalid`` does not
-    skip it, since nothing after the fault can be read."""
+    skip it, since nothing after the fault can be read. A ``ValueError``, so callers that
+    report bad input by catching ``ValueError`` report this too."""
 
     def __init__(self, path: str, last_line: int, reason: str) -> None:
         self.path = path
