@@ -138,7 +138,7 @@ def build_data(cfg: TrainConfig, tensor_parallel: int, context_parallel: int) ->
     dataset = GroupDataset(cfg.data.path)
     if cfg.objective.type == "dpo":
         _check_preferences(cfg, dataset)
-    pad_id = int(dataset.info.get("tokenizer", {}).get("pad_id", 0))
+    pad_id = dataset.pad_id
     first_only = cfg.objective.type == "sft" and cfg.objective.sft.responses == "first"
     groups = FirstResponseView(dataset) if first_only else dataset
     ids = np.arange(len(dataset), dtype=np.int64)

@@ -250,7 +250,7 @@ def write_reference_logprobs(cfg: Any, load: str | None, output: Path) -> Path:
                 skip_too_long=cfg.data.skip_too_long,
             ),
         )
-        pad_id = int(dataset.info.get("tokenizer", {}).get("pad_id", 0))
+        pad_id = dataset.pad_id
         rows = PackedRowDataset(plan, dataset.__getitem__, pad_id)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mbs = cfg.data.micro_batch_size

@@ -212,7 +212,7 @@ def _apply_adam_settings(optimizer: Any, cfg: TrainConfig) -> None:
 
 def _check_vocab(cfg: TrainConfig, model_cfg: Any, dataset: Any) -> None:
     """The model's embedding must cover every id the dataset's tokenizer can produce."""
-    tokenizer_vocab = dataset.info.get("tokenizer", {}).get("vocab_size")
+    tokenizer_vocab = dataset.vocab_size
     if tokenizer_vocab is not None and model_cfg.vocab_size < tokenizer_vocab:
         raise config_error(
             cfg,
