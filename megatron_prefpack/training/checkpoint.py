@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_prefpack.training.safe_pickle import RefusedPickle, load_weights_only, restricted_reads
 
@@ -228,9 +229,12 @@ def _hash_share(ckpt: Path, files: list[str]) -> dict[str, tuple[int, str]]:
     return {name: _hash_file(ckpt / name) for name in files[_rank() :: _world()]}
 
 
-def _write_manifest(ckpt: Path) -> None:
-    """Collective: hash every file of ``ckpt`` (split across ranks) and write its manifest
-    (rank 0). Call when every file is written and visible to all ranks."""
+def write_manifest(ckpt: str | Path) -> None:
+    """Collective: hash every file of the checkpoint ``ckpt`` (split across ranks) and record
+    them in its ``manifest.json`` (rank 0 writes it). :func:`save` does this; call it yourself
+    only to vouch for a checkpoint you trust, e.g. one written before checkpoints had
+    manifests."""
+    ckpt = Path(ckpt)
     files = _decided_by_rank0(_listed_files, ckpt)
     shares = _gathered(_hash_share(ckpt, files))
     if _rank() == 0:
@@ -245,8 +249,8 @@ def _read_manifest(ckpt: Path) -> list[_FileRecord]:
     path = ckpt / MANIFEST
     if not path.is_file():
         raise CheckpointError(
-            f"{path}: missing: {ckpt} is not a complete checkpoint (its save did not finish, "
-            "or it was written before checkpoints had manifests)"
+            f"{path}: missing: {ckpt} is not a complete checkpoint (its save did not finish, or "
+            "it was written before checkpoints had manifests: see checkpoint.write_manifest)"
         )
     try:
         data = json.loads(path.read_bytes())
@@ -389,12 +393,16 @@ def _pointer_target(pointer: Path) -> str | None:
     return text if _ITER.match(text) else None
 
 
+def _step(checkpoint_dir: Path) -> int:
+    """The step in a checkpoint directory's name (``iter_0000100``, ``iter_0000100.replaced``)."""
+    return int(checkpoint_dir.name[5:12])
+
+
 def _candidates(save_dir: Path) -> list[Path]:
     """Checkpoint directories of ``save_dir``, newest step first; at the same step the
     directory itself before the copy it replaced."""
-    found = [(p, _CANDIDATE.match(p.name)) for p in save_dir.iterdir() if p.is_dir()]
-    ordered = sorted((m for m in found if m[1]), key=lambda m: (-int(m[1].group(1)), m[1].group(2) or ""))
-    return [p for p, _ in ordered]
+    found = [p for p in save_dir.iterdir() if _CANDIDATE.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: (-_step(p), p.name))
 
 
 @dataclass
@@ -678,7 +686,7 @@ def save(
     _barrier()
     if _rank() == 0:
         _fs(_write_bytes, partial / META, json.dumps(dataclasses.asdict(state), indent=1).encode())
-    _write_manifest(partial)
+    write_manifest(partial)
     if _rank() == 0:
         _publish(save_dir, partial, final)
         if keep > 0:
@@ -706,11 +714,13 @@ def _publish(save_dir: Path, partial: Path, final: Path) -> None:
 
 def _prune(save_dir: Path, keep: int, current: Path) -> None:
     """Remove complete checkpoints beyond the newest ``keep`` (never ``current``, which
-    ``latest`` names, nor the newest), and what interrupted saves left behind."""
-    complete = [p for p in _candidates(save_dir) if (p / MANIFEST).is_file()]
+    ``latest`` names, nor the newest), and what interrupted saves and removals left behind:
+    unfinished ``.partial`` saves, and directories without a manifest older than ``current``."""
+    candidates = _candidates(save_dir)
+    complete = [p for p in candidates if (p / MANIFEST).is_file()]
     protected = {current, *complete[:keep]}
-    for old in complete:
-        if old not in protected:
+    for old in candidates:
+        if old not in protected and (old in complete or _step(old) < _step(current)):
             _remove_tree(old)
     for leftover in save_dir.glob(f"iter_*{_PARTIAL}"):
         _fs(shutil.rmtree, leftover)
@@ -746,7 +756,7 @@ def load(
             _restore_rng(ckpt)
     except (CheckpointError, RefusedPickle) as err:
         error = str(err)
-    except Exception as err:  # Megatron's and torch's, for a checkpoint that does not fit
+    except (Exception, CheckpointException) as err:  # Megatron's and torch's: it does not fit
         error = f"{ckpt}: cannot load into this model and optimizer: {_brief(err)}"
     _raise_if_any(error)
     return state

@@ -25,6 +25,7 @@ import contextlib
 import io
 import os
 import pickle
+import re
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -90,9 +91,12 @@ def load_metadata(file: IO[bytes]) -> Any:
 
 
 def _weights_only_reason(err: pickle.UnpicklingError) -> str:
-    """The line of torch's weights-only message that says what was refused (not its advice)."""
-    paragraphs = [p.strip() for p in str(err).split("\n\n") if p.strip()]
-    return next((p for p in paragraphs if "GLOBAL" in p or "Unsupported" in p), paragraphs[-1])
+    """What torch's weights-only unpickler refused, without its advice to load unsafely."""
+    refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if refused:
+        return f"refused to unpickle {refused.group(1)}: a checkpoint file holds only tensors and plain data"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"refused to unpickle it: {lines[-1] if lines else type(err).__name__}"
 
 
 def load_weights_only(path: str | os.PathLike[str]) -> Any:
@@ -132,16 +136,23 @@ def _pickle_shim(reads: _Reads) -> types.ModuleType:
     return shim
 
 
+def _source(f: Any, reads: _Reads) -> str:
+    """What a ``torch.load`` argument is, for a message: a path, or the file DCP has open."""
+    if isinstance(f, str | os.PathLike):
+        return str(f)
+    if isinstance(f, io.BytesIO):
+        return f"an object stored in {reads.current_file}"
+    return str(getattr(f, "name", reads.current_file))
+
+
 def _weights_only_torch_load(reads: _Reads, original: Callable[..., Any]) -> Callable[..., Any]:
     def load(f: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs["weights_only"] = True
         try:
             return original(f, *args, **kwargs)
         except pickle.UnpicklingError as err:
-            where = str(f) if isinstance(f, str | os.PathLike) else getattr(f, "name", reads.current_file)
-            if isinstance(f, io.BytesIO):
-                where = f"an object stored in {reads.current_file}"
-            raise reads.refuse(RefusedPickle(f"{where}: {_weights_only_reason(err)}")) from None
+            refusal = RefusedPickle(f"{_source(f, reads)}: {_weights_only_reason(err)}")
+            raise reads.refuse(refusal) from None
 
     return load
 
@@ -172,7 +183,7 @@ def restricted_reads() -> Iterator[None]:
     dcp_filesystem.FileSystem.create_stream = _tracking_create_stream(reads, saved[2])
     try:
         yield
-    except Exception as err:
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
         if reads.refusal is not None:
             raise reads.refusal from err
         raise
