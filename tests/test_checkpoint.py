@@ -523,16 +523,24 @@ _SAVE_FOREVER = textwrap.dedent(
         for step in range(1, 10**6):
             state = checkpoint.CheckpointState(step, 0, None, "sft", "", 1)
             checkpoint.save(sys.argv[1], state, chunks, None, keep=2)
-            print("saved", step, flush=True)
     """
 )
 
 
+def _saved_step(save_dir: Path) -> int:
+    try:
+        return int((save_dir / "latest").read_text().strip()[len("iter_") :])
+    except (OSError, ValueError):
+        return 0
+
+
 @pytest.mark.slow
 def test_kill_9_in_the_middle_of_a_save_leaves_no_process_behind(tmp_path):
+    """The trainer saves in a loop (a save is nearly all of its time); every process it has
+    in half a second is recorded, then it gets SIGKILL: none of them may live on."""
     import psutil
 
-    script = tmp_path / "save_forever.py"
+    script, save_dir = tmp_path / "save_forever.py", tmp_path / "save"
     script.write_text(_SAVE_FOREVER)
     env = {
         **os.environ,
@@ -546,20 +554,19 @@ def test_kill_9_in_the_middle_of_a_save_leaves_no_process_behind(tmp_path):
         "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
     }
     trainer = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path / "save")],
-        stdout=subprocess.PIPE,
+        [sys.executable, str(script), str(save_dir)],
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        text=True,
         env=env,
     )
     seen: dict[int, psutil.Process] = {}
     try:
-        for line in trainer.stdout:
-            if line.startswith("saved 3"):
-                break
-        # Every process the trainer has while it saves, then kill -9 in the middle of a save.
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while _saved_step(save_dir) < 3:
+            assert trainer.poll() is None and time.monotonic() < deadline, "the trainer never saved"
+            time.sleep(0.05)
+        watch_until = time.monotonic() + 0.5
+        while time.monotonic() < watch_until:
             seen.update((p.pid, p) for p in psutil.Process(trainer.pid).children(recursive=True))
             time.sleep(0.01)
         os.kill(trainer.pid, signal.SIGKILL)
@@ -572,5 +579,5 @@ def test_kill_9_in_the_middle_of_a_save_leaves_no_process_behind(tmp_path):
         for proc in seen.values():
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
-    point = checkpoint.find_resume(tmp_path / "save")
+    point = checkpoint.find_resume(save_dir)
     assert point is not None and checkpoint.read_state(point.path).step >= 3

@@ -131,26 +131,30 @@ def _gathered(value: _T) -> list[_T]:
 
 
 def _decided_by_rank0(fn: Callable[..., _T], *args: Any) -> _T:
-    """Collective: ``fn(*args)`` run on rank 0; its result, or its :class:`CheckpointError`,
-    on every rank (the filesystem is read once, and all ranks act on the same reading)."""
+    """Collective: ``fn(*args)`` run on rank 0; its result, or its error as a
+    :class:`CheckpointError`, on every rank (the filesystem is read once, and all ranks act
+    on the same reading)."""
     outcome: tuple[bool, Any] = (True, None)
     if _rank() == 0:
         try:
             outcome = (True, fn(*args))
         except CheckpointError as err:
             outcome = (False, str(err))
+        except OSError as err:
+            outcome = (False, f"{err.filename}: {err.strerror}" if err.filename else str(err))
     ok, value = _from_rank0(outcome)
     if not ok:
         raise CheckpointError(value)
     return value
 
 
-def _raise_if_any(error: str | None) -> None:
+def _raise_if_any(error: str | None, cause: BaseException | None) -> None:
     """Collective: raise ``CheckpointError`` on every rank with the lowest failing rank's
-    message, so that no rank walks on into a collective its peers never reach."""
+    message (chained to this rank's ``cause``), so that no rank walks on into a collective
+    its peers never reach."""
     errors = [e for e in _gathered(error) if e is not None]
     if errors:
-        raise CheckpointError(errors[0])
+        raise CheckpointError(errors[0]) from cause
 
 
 # ----------------------------------------------------------------------------- filesystem
@@ -749,14 +753,14 @@ def load(
     state = _decided_by_rank0(_read_state_file, ckpt)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
-    error = None
+    error, cause = None, None
     try:
         _read_sharded(ckpt, model_chunks, optimizer)
         if restore_rng and state.world_size == _world():
             _restore_rng(ckpt)
     except (CheckpointError, RefusedPickle) as err:
-        error = str(err)
+        error, cause = str(err), err
     except (Exception, CheckpointException) as err:  # Megatron's and torch's: it does not fit
-        error = f"{ckpt}: cannot load into this model and optimizer: {_brief(err)}"
-    _raise_if_any(error)
+        error, cause = f"{ckpt}: cannot load into this model and optimizer: {_brief(err)}", err
+    _raise_if_any(error, cause)
     return state
