@@ -464,11 +464,6 @@ def find_resume(save_dir: str | Path) -> ResumePoint | None:
     raise CheckpointError(f"{save_dir}: no complete, intact checkpoint to resume from: " + "; ".join(notes))
 
 
-def has_checkpoint(save_dir: str | Path) -> bool:
-    """Whether a run in ``save_dir`` resumes (see :func:`find_resume`, which also raises)."""
-    return find_resume(save_dir) is not None
-
-
 # ----------------------------------------------------------------------------- model state
 
 
@@ -483,7 +478,7 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _members(optimizer: Any) -> list[Any]:
+def optimizer_members(optimizer: Any) -> list[Any]:
     """The optimizers inside a Megatron ``ChainedOptimizer`` (dense + expert), or ``[optimizer]``."""
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
@@ -509,7 +504,7 @@ def _materialize_optimizer_state(optimizer: Any) -> None:
     state, including Adam's ``step``, appears only at the first step, and ``state_dict()``
     asserts. Megatron's own dummy step (zero gradients) creates it; ``load`` then replaces
     every value it touched: parameters, moments and step."""
-    for member in _members(optimizer):
+    for member in optimizer_members(optimizer):
         if hasattr(member, "_init_optimizer_states_with_dummy_values") and not member.optimizer.state:
             member._init_optimizer_states_with_dummy_values()
 
@@ -523,7 +518,7 @@ def _restore_adam_steps(optimizer: Any) -> None:
     tensor that foreach Adam would advance once per parameter): Adam's bias correction
     would be wrong from the first step after resume. Each parameter gets its own tensor
     holding its group's loaded step."""
-    for member in _members(optimizer):
+    for member in optimizer_members(optimizer):
         inner = member.optimizer
         for group in inner.param_groups:
             if "step" not in group:
