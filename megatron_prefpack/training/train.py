@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
         raise
     if result.preempted:
-        print(f"[prefpack] stopped by SIGTERM after step {result.steps}; checkpoint {result.checkpoint}")
+        saved = result.checkpoint or "none needed (no step was trained)"
+        print(f"[prefpack] stopped by SIGTERM after step {result.steps}; checkpoint {saved}")
     return 0
 
 
@@ -198,9 +199,11 @@ def _check_resume_config(cfg: TrainConfig, saved_yaml: str, where: Path, log: An
     return bool(changes.applied)
 
 
-def _apply_adam_settings(optimizer: Any, cfg: TrainConfig) -> None:
-    """Put this config's Adam betas and eps into the (resumed) param groups; lr and weight
-    decay are set by the schedule every step, ``clip_grad`` is read from the config."""
+def _apply_optimizer_settings(optimizer: Any, cfg: TrainConfig) -> None:
+    """Put this config's optimizer settings into the resumed param groups, which the optimizer
+    checkpoint restored with the old run's values: Adam betas and eps, and the ``max_lr`` /
+    ``min_lr`` that Megatron's schedule reads per group. The schedule sets lr and weight decay
+    from them every step; ``clip_grad`` is read from the config."""
     from megatron_prefpack.training.checkpoint import optimizer_members
 
     opt = cfg.optimizer
@@ -208,6 +211,8 @@ def _apply_adam_settings(optimizer: Any, cfg: TrainConfig) -> None:
         for group in member.optimizer.param_groups:
             group["betas"] = (opt.adam_beta1, opt.adam_beta2)
             group["eps"] = opt.adam_eps
+            group["max_lr"] = opt.lr
+            group["min_lr"] = opt.min_lr
 
 
 def _check_vocab(cfg: TrainConfig, model_cfg: Any, dataset: Any) -> None:
@@ -374,8 +379,8 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
             step, consumed_rows = state.step, state.consumed_rows
             # Megatron's schedule keeps the checkpoint's values unless told to override them.
             scheduler.override_opt_param_scheduler = override_schedule
+            _apply_optimizer_settings(optimizer, cfg)
             scheduler.load_state_dict(state.scheduler)
-            _apply_adam_settings(optimizer, cfg)
             log.info(f"resumed from {checkpoint.resolve(load)} at step {step}")
 
         # 5. reference log-probs
@@ -414,6 +419,7 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         )
         eval_rows = cfg.run.eval_batches * cfg.data.global_batch_size or None
         result = TrainResult(steps=step)
+        start_step = step
         saved_step = None  # the step of the newest checkpoint in the save dir, once there is one
         if resume and checkpoint.resolve(load).parent.resolve() == cfg.save_dir.resolve():
             saved_step, result.checkpoint = step, checkpoint.resolve(load)
@@ -517,7 +523,9 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         if not result.preempted:
             run_eval()
             result.preempted = watcher.should_stop(device)
-        if saved_step != step:
+        # Before this run's first step there is nothing new to keep (and torch's Adam has no
+        # state yet to save): the starting point is what a rerun starts from again.
+        if step > start_step and saved_step != step:
             result.checkpoint = save()
         log.close()
         return result
