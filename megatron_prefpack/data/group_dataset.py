@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from megatron_prefpack.data.groups import TokenizedGroup
+from megatron_prefpack.data.json_files import read_json_object
 
 FORMAT = "prefpack-groups/1"
 KINDS = ("pair", "ranked", "multi")
@@ -321,14 +322,7 @@ def _read_info(path: Path) -> dict[str, Any]:
     """``dataset.json``, parsed, with its format and the fields this module reads checked."""
     if not path.is_file():
         raise DatasetError(f"{path.parent}: not a preprocessed dataset (no {INFO})")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read: {e}") from None
-    if not isinstance(info, dict):
-        raise DatasetError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    info = read_json_object(path, DatasetError)
     if info.get("format") != FORMAT:
         raise DatasetError(
             f"{path}: field 'format': unsupported dataset format {info.get('format')!r} (expected {FORMAT!r})"

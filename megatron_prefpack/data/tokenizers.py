@@ -14,10 +14,11 @@ back to ``eos_id`` when no pad token exists (pad tokens never carry loss or atte
 from __future__ import annotations
 
 import hashlib
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
+
+from megatron_prefpack.data.json_files import read_json_object
 
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>")
@@ -164,14 +165,7 @@ def read_tokenizer_config(path: Path) -> dict[str, Any]:
     tokens (``bos_token``, ``eos_token``, ``pad_token``) strings or ``{"content": str}`` objects
     or null, ``add_bos_token`` a boolean or null, a valid ``chat_template``. Raises
     :class:`TokenizerError` naming the file (and line, for invalid JSON)."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: cannot read: {e}") from None
-    if not isinstance(config, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    config = read_json_object(path, TokenizerError)
     for key in ("bos_token", "eos_token", "pad_token"):
         value = config.get(key)
         content = value.get("content") if isinstance(value, dict) else value

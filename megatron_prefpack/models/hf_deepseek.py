@@ -22,7 +22,6 @@ other or with the model) raises :class:`ConversionError` whose message starts wi
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from megatron_prefpack.data.json_files import read_json, read_json_object
 from megatron_prefpack.models.config import MLAConfig, ModelConfig, MoEConfig, YarnConfig
 
 FP8_BLOCK = 128
@@ -38,19 +38,6 @@ FP8_BLOCK = 128
 
 class ConversionError(ValueError):
     """A checkpoint or config this converter cannot translate exactly; the message says why."""
-
-
-def _load_json(path: Path) -> Any:
-    """The JSON value of ``path``; unreadable or invalid files raise :class:`ConversionError`
-    ``"<path>: reason"`` (``"<path>:<line>: ..."`` for a syntax error)."""
-    try:
-        return json.loads(path.read_text())
-    except OSError as err:
-        raise ConversionError(f"{path}: {err.strerror or err}") from err
-    except UnicodeDecodeError as err:
-        raise ConversionError(f"{path}: not UTF-8 text ({err.reason})") from err
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
 
 
 _REQUIRED = object()
@@ -172,9 +159,7 @@ def read_model_config(directory: str | Path, *, post_moe_norm: bool = False) -> 
     Raises :class:`ConversionError` ``"<path>: reason"`` (``<path>:<line>:`` for invalid JSON)
     when the file is missing, unreadable, not a JSON object, or not translatable exactly."""
     path = Path(directory) / "config.json"
-    hf = _load_json(path)
-    if not isinstance(hf, dict):
-        raise ConversionError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    hf = read_json_object(path, ConversionError)
     try:
         cfg = model_config_from_hf(hf, post_moe_norm=post_moe_norm, name=Path(directory).name)
         cfg.validate()
@@ -211,7 +196,7 @@ def _shard(path: Path) -> Iterator[Any]:
 
 def _read_index(index: Path) -> dict[str, str]:
     """The ``weight_map`` (tensor name -> shard file name) of ``model.safetensors.index.json``."""
-    content = _load_json(index)
+    content = read_json(index, ConversionError)
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise ConversionError(f"{index}: needs a 'weight_map' object of tensor name -> file name")

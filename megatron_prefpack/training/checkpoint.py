@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_prefpack.data.json_files import read_json_object
 from megatron_prefpack.training.safe_pickle import RefusedPickle, load_weights_only, restricted_reads
 
 LATEST = "latest"
@@ -339,12 +340,7 @@ def _read_state_file(ckpt: Path) -> CheckpointState:
     from megatron_prefpack.training.config import ConfigError, coerce
 
     path = ckpt / META
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot read checkpoint state ({type(err).__name__}: {err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    data = read_json_object(path, CheckpointError)
     fields = {f.name: f for f in dataclasses.fields(CheckpointState)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

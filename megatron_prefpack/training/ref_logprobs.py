@@ -49,16 +49,14 @@ class ReferenceLogps:
         """Read the table at ``path`` for ``dataset`` (a ``GroupDataset``), checking its header:
         the dataset fingerprint and group count must match, and so must the reference
         checkpoint when ``reference_load`` names one. Raises ``ConfigError`` naming the file."""
+        from megatron_prefpack.data.json_files import read_json_object
         from megatron_prefpack.training.config import ConfigError
 
-        header_path = Path(f"{path}.json")
+        header = read_json_object(Path(f"{path}.json"), ConfigError)
         try:
-            header = json.loads(header_path.read_text())
-            table = np.load(path, mmap_mode="r")
+            table = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:
-            raise ConfigError(
-                f"{header_path if isinstance(err, json.JSONDecodeError) else path}: {err}"
-            ) from None
+            raise ConfigError(f"{path}: {err}") from None
         if header.get("format") != FORMAT or table.ndim != 2 or table.dtype != np.float64:
             raise ConfigError(
                 f"{path}: not a {FORMAT} table (header format {header.get('format')!r}, array "
