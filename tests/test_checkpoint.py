@@ -55,7 +55,7 @@ def _build(preset: str = "tiny-moe") -> tuple[list[torch.nn.Module], Any]:
     model_cfg = presets.preset(preset)
     tcfg = to_transformer_config(model_cfg)
     model = wrap_for_training(build_chunks(model_cfg, tcfg), tcfg, distributed_optimizer=False)
-    optimizer, _ = build_optimizer(TrainConfig(), model, tcfg)
+    optimizer = build_optimizer(TrainConfig(), model, tcfg)
     generator = torch.Generator().manual_seed(0)
     for chunk in model:
         for param in chunk.parameters():

@@ -122,12 +122,9 @@ def wrap_for_training(
     return wrapped
 
 
-def build_optimizer(
-    cfg: TrainConfig, chunks: list[torch.nn.Module], transformer_config: Any
-) -> tuple[Any, Any]:
-    """Megatron's Adam (distributed when configured) and its ``OptimizerParamScheduler``."""
+def build_optimizer(cfg: TrainConfig, chunks: list[torch.nn.Module], transformer_config: Any) -> Any:
+    """Megatron's Adam (distributed when configured) with ``cfg.optimizer``'s settings."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     opt = cfg.optimizer
     optimizer = get_megatron_optimizer(
@@ -148,8 +145,19 @@ def build_optimizer(
         chunks,
     )
     transformer_config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: Any) -> Any:
+    """Megatron's ``OptimizerParamScheduler``: warmup, then decay to ``min_lr``.
+
+    On resume, loading its state keeps the checkpoint's settings unless
+    ``override_opt_param_scheduler`` is set (then this config's win, at the loaded step)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt = cfg.optimizer
     decay_steps = max(opt.decay_steps or cfg.run.train_steps, opt.warmup_steps + 1)
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if opt.warmup_steps else opt.lr,
         max_lr=opt.lr,
@@ -162,4 +170,24 @@ def build_optimizer(
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
     )
-    return optimizer, scheduler
+
+
+def apply_optimizer_settings(optimizer: Any, cfg: TrainConfig) -> None:
+    """Give an optimizer built (and loaded) with another run's settings ``cfg.optimizer``'s:
+    Adam betas and eps, the per-group ``max_lr``/``min_lr``/``start_wd``/``end_wd`` that
+    Megatron's schedule reads, and ``clip_grad``. The optimizer state (moments, steps) is kept.
+    Megatron 0.19 matches saved param groups by their lr settings, so a resumed optimizer is
+    built with the checkpoint's settings, loaded, then given the new ones here."""
+    from megatron_prefpack.training.checkpoint import optimizer_members
+
+    opt = cfg.optimizer
+    for member in optimizer_members(optimizer):
+        member.config.clip_grad = opt.clip_grad
+        for group in member.optimizer.param_groups:
+            group["betas"] = (opt.adam_beta1, opt.adam_beta2)
+            group["eps"] = opt.adam_eps
+            updates = {"max_lr": opt.lr, "min_lr": opt.min_lr}
+            updates.update({"start_wd": opt.weight_decay, "end_wd": opt.weight_decay})
+            for key, value in updates.items():
+                if group.get(key) is not None:
+                    group[key] = value

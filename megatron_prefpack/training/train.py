@@ -180,13 +180,13 @@ def _starting_point(cfg: TrainConfig, log: Any) -> tuple[str | Path | None, bool
     return ckpt.load, ckpt.load is not None and ckpt.load_optimizer
 
 
-def _check_resume_config(cfg: TrainConfig, saved_yaml: str, where: Path, log: Any) -> bool:
-    """Compare the resumed checkpoint's config with this run's: data, model, parallel layout,
-    objective or seed changes are refused (``ConfigError`` listing them); optimizer changes are
-    announced and returned True (the caller applies them)."""
-    from megatron_prefpack.training.config import config_from_yaml, resume_changes
+def _check_resume_config(cfg: TrainConfig, saved: TrainConfig, where: Path, log: Any) -> bool:
+    """Compare the resumed checkpoint's config ``saved`` with this run's: data, model, parallel
+    layout, objective or seed changes are refused (``ConfigError`` listing them); optimizer
+    changes are announced and returned True (the caller applies them)."""
+    from megatron_prefpack.training.config import resume_changes
 
-    changes = resume_changes(config_from_yaml(saved_yaml, f"{where}/prefpack.json"), cfg)
+    changes = resume_changes(saved, cfg)
     if changes.refused:
         listed = "; ".join(str(c) for c in changes.refused)
         raise ConfigError(
@@ -197,22 +197,6 @@ def _check_resume_config(cfg: TrainConfig, saved_yaml: str, where: Path, log: An
     for change in changes.applied:
         log.info(f"resume: applying the changed optimizer setting {change}")
     return bool(changes.applied)
-
-
-def _apply_optimizer_settings(optimizer: Any, cfg: TrainConfig) -> None:
-    """Put this config's optimizer settings into the resumed param groups, which the optimizer
-    checkpoint restored with the old run's values: Adam betas and eps, and the ``max_lr`` /
-    ``min_lr`` that Megatron's schedule reads per group. The schedule sets lr and weight decay
-    from them every step; ``clip_grad`` is read from the config."""
-    from megatron_prefpack.training.checkpoint import optimizer_members
-
-    opt = cfg.optimizer
-    for member in optimizer_members(optimizer):
-        for group in member.optimizer.param_groups:
-            group["betas"] = (opt.adam_beta1, opt.adam_beta2)
-            group["eps"] = opt.adam_eps
-            group["max_lr"] = opt.lr
-            group["min_lr"] = opt.min_lr
 
 
 def _check_vocab(cfg: TrainConfig, model_cfg: Any, dataset: Any) -> None:
@@ -284,13 +268,20 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
 
     from megatron_prefpack.platform import distributed as platform
     from megatron_prefpack.training import checkpoint
-    from megatron_prefpack.training.config import check_parallel_layout, model_config, to_yaml
+    from megatron_prefpack.training.config import (
+        check_parallel_layout,
+        config_from_yaml,
+        model_config,
+        to_yaml,
+    )
     from megatron_prefpack.training.data import build_data
     from megatron_prefpack.training.metrics import MetricsLogger, count_parameters, step_flops
     from megatron_prefpack.training.model_setup import (
+        apply_optimizer_settings,
         attach_reward_heads,
         build_chunks,
         build_optimizer,
+        build_scheduler,
         make_model_forward,
         transformer_config,
         wrap_for_training,
@@ -334,11 +325,13 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         is_rm = cfg.objective.type == "rm"
         load, resume = _starting_point(cfg, log)
         start_state = checkpoint.read_state(load) if load is not None else None
+        optimizer_cfg = cfg  # the settings the optimizer is built with (a resume: the checkpoint's)
         override_schedule = False
         if resume and start_state is not None:
-            override_schedule = _check_resume_config(
-                cfg, start_state.config_yaml, checkpoint.resolve(load), log
-            )
+            where = checkpoint.resolve(load)
+            saved = config_from_yaml(start_state.config_yaml, f"{where}/prefpack.json")
+            override_schedule = _check_resume_config(cfg, saved, where, log)
+            optimizer_cfg = saved
         # A reward-model checkpoint carries its head (attach, then load); a language-model
         # checkpoint does not (load, then attach a fresh head).
         head_first = is_rm and (start_state is None or start_state.objective == "rm")
@@ -370,16 +363,17 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
             for ref_chunk in reference_chunks:
                 ref_chunk.requires_grad_(False)
         model = wrap_for_training(chunks, tcfg, par.distributed_optimizer)
-        optimizer, scheduler = build_optimizer(cfg, model, tcfg)
+        optimizer = build_optimizer(optimizer_cfg, model, tcfg)
+        scheduler = build_scheduler(cfg, optimizer)
 
         # 4. resume: weights, optimizer, schedule, data position, RNG
         step, consumed_rows = 0, 0
         if resume:
             state = checkpoint.load(load, model, optimizer, restore_rng=True)
             step, consumed_rows = state.step, state.consumed_rows
+            apply_optimizer_settings(optimizer, cfg)
             # Megatron's schedule keeps the checkpoint's values unless told to override them.
             scheduler.override_opt_param_scheduler = override_schedule
-            _apply_optimizer_settings(optimizer, cfg)
             scheduler.load_state_dict(state.scheduler)
             log.info(f"resumed from {checkpoint.resolve(load)} at step {step}")
 
