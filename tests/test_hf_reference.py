@@ -155,7 +155,12 @@ def fused_expert_copy(source: Path, target: Path) -> Path:
 @pytest.mark.parametrize("storage", ["per_expert", "fused"])
 def test_packed_logprobs_equal_hugging_face_run_alone(hf_checkpoint, storage, tmp_path) -> None:
     from megatron_prefpack.models.builder import build_model
-    from megatron_prefpack.models.hf_deepseek import SafetensorsCheckpoint, fill_model, model_config_from_hf
+    from megatron_prefpack.models.hf import (
+        ARCHITECTURES,
+        SafetensorsCheckpoint,
+        fill_model,
+        model_config_from_hf,
+    )
 
     directory, expected = hf_checkpoint
     if storage == "fused":
@@ -164,7 +169,8 @@ def test_packed_logprobs_equal_hugging_face_run_alone(hf_checkpoint, storage, tm
     assert cfg == deepseek_v3_shaped()
     model = build_model(cfg)
     source = SafetensorsCheckpoint(directory)
-    assert fill_model(model, source) == sum(isinstance(t, torch.Tensor) for t in model.state_dict().values())
+    report = fill_model(model, ARCHITECTURES["deepseek_v3"], cfg, source)
+    assert report.filled == sum(isinstance(t, torch.Tensor) for t in model.state_dict().values())
     assert source.used == set(source.files)
     assert_packed_logprobs_match(model, expected)
 
@@ -211,7 +217,7 @@ def test_converted_checkpoint_loads_and_matches_hugging_face(hf_checkpoint, layo
 
 
 def test_fp8_blocks_are_dequantized_with_their_inverse_scales() -> None:
-    from megatron_prefpack.models.hf_deepseek import dequantize_fp8
+    from megatron_prefpack.models.hf.safetensors_io import dequantize_fp8
 
     weight = torch.randn(200, 130)
     scale_inv = torch.rand(2, 2) + 0.5
@@ -232,7 +238,7 @@ def test_fp8_blocks_are_dequantized_with_their_inverse_scales() -> None:
     ],
 )
 def test_config_translation_refuses_what_megatron_computes_differently(change, message) -> None:
-    from megatron_prefpack.models.hf_deepseek import ConversionError, model_config_from_hf
+    from megatron_prefpack.models.hf import ConversionError, model_config_from_hf
 
     base = hf_config(deepseek_v3_shaped()).to_dict()
     if message is None:  # a missing field

@@ -1,4 +1,6 @@
-"""Convert a Hugging Face DeepSeek-V3-architecture checkpoint to a Megatron distributed checkpoint.
+"""Convert a Hugging Face checkpoint to a Megatron distributed checkpoint.
+
+Architectures (``config.json`` ``model_type``): see ``megatron_prefpack.models.hf.ARCHITECTURES``.
 
 The output loads with ``checkpoint.load`` in ``prefpack train`` / ``prefpack ref-logprobs`` under
 any TP/PP/EP layout (Megatron reshards on load); ``model.yaml`` beside it is the ``model:``
@@ -13,7 +15,10 @@ section of the training config that matches it.
       --output ckpts/dsv3-mcore --pipeline 2 --first-stage-layers 30 --expert 8
 
 FP8 weights (block-scaled, ``weight_scale_inv``) are dequantized. Tensors the model does not use
-(e.g. DeepSeek-V3's multi-token-prediction layer) are counted and listed, not converted.
+are counted and listed, not converted: multi-token-prediction layers (``num_nextn_predict_layers``,
+layers ``num_hidden_layers..``) are reported as kept aside (``tools/export_hf_checkpoint.py
+--hf-config`` carries them over from this directory). A routing correction bias the checkpoint
+lacks is filled with zeros only where transformers does the same (A.X K1), and said.
 
 Bad input stops every rank with exit status 2 and ``convert_hf_checkpoint: <file>: reason``, never
 a traceback: a missing or invalid ``config.json`` or ``model.safetensors.index.json``, a missing,
@@ -34,7 +39,7 @@ if TYPE_CHECKING:
     import torch
 
     from megatron_prefpack.models.config import ModelConfig
-    from megatron_prefpack.models.hf_deepseek import SafetensorsCheckpoint
+    from megatron_prefpack.models.hf import Architecture, SafetensorsCheckpoint
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,11 +56,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--last-stage-layers", type=int, default=None, help="uneven last pipeline stage")
     parser.add_argument(
         "--expert", type=int, default=1, help="expert-parallel ranks the experts are split over"
-    )
-    parser.add_argument(
-        "--post-moe-norm-key",
-        default=None,
-        help="checkpoint key of a post-MoE norm, with {layer} (A.X K1); absent in DeepSeek-V3",
     )
     return parser.parse_args(argv)
 
@@ -97,7 +97,7 @@ def _build_chunk(args: argparse.Namespace, cfg: ModelConfig) -> torch.nn.Module:
     ``ConversionError`` naming the flags."""
     from megatron_prefpack.models.builder import build_model
     from megatron_prefpack.models.config import to_transformer_config
-    from megatron_prefpack.models.hf_deepseek import ConversionError
+    from megatron_prefpack.models.hf import ConversionError
 
     try:
         tcfg = to_transformer_config(
@@ -115,14 +115,34 @@ def _build_chunk(args: argparse.Namespace, cfg: ModelConfig) -> torch.nn.Module:
     return build_model(cfg, tcfg)
 
 
-def _convert(args: argparse.Namespace, cfg: ModelConfig, source: SafetensorsCheckpoint) -> int:
+def _report_unused(source: SafetensorsCheckpoint, used: set[str], cfg: ModelConfig) -> None:
+    """Rank 0: the checkpoint tensors no rank read, MTP layers (kept aside for export) apart."""
+    import re
+
+    unused = sorted(set(source.files) - used)
+    layer = re.compile(r"model\.layers\.(\d+)\.")
+    mtp = [n for n in unused if (m := layer.match(n)) and int(m[1]) >= cfg.num_layers]
+    other = [n for n in unused if n not in set(mtp)]
+    if mtp:
+        layers = sorted({int(layer.match(n)[1]) for n in mtp})
+        print(
+            f"[convert] kept aside for export: {len(mtp)} tensors of multi-token-prediction layer(s) "
+            f"{layers} (not trained here; tools/export_hf_checkpoint.py --hf-config "
+            f"{source.directory} carries them over)"
+        )
+    print(f"[convert] {len(other)} checkpoint tensors not used" + (f", e.g. {other[:3]}" if other else ""))
+
+
+def _convert(
+    args: argparse.Namespace, arch: Architecture, cfg: ModelConfig, source: SafetensorsCheckpoint
+) -> int:
     """Build this rank's model chunk, fill it from ``source`` and save; 2 if any rank failed."""
     import dataclasses
 
     import torch.distributed as dist
     import yaml
 
-    from megatron_prefpack.models.hf_deepseek import ConversionError, fill_model
+    from megatron_prefpack.models.hf import ConversionError, fill_model
     from megatron_prefpack.training import checkpoint
 
     rank = dist.get_rank()
@@ -130,27 +150,27 @@ def _convert(args: argparse.Namespace, cfg: ModelConfig, source: SafetensorsChec
     error = None
     try:
         model = _build_chunk(args, cfg)
-        filled = fill_model(
-            model, source, post_moe_norm_key=args.post_moe_norm_key, progress=_progress(rank, start)
-        )
+        report = fill_model(model, arch, cfg, source, progress=_progress(rank, start))
     except ConversionError as err:
         error = str(err)
     if _agree_on_failure(error):
         return 2
-    print(f"[convert] rank {rank}: {filled} tensors in {time.monotonic() - start:.1f} s", flush=True)
+    print(f"[convert] rank {rank}: {report.filled} tensors in {time.monotonic() - start:.1f} s", flush=True)
+    if report.zero_filled:
+        print(
+            f"[convert] rank {rank}: {len(report.zero_filled)} tensors absent from the checkpoint, filled "
+            f"with zeros as transformers does for {arch.model_type}, e.g. {report.zero_filled[0]!r}",
+            flush=True,
+        )
     used: list[set[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(used, source.used)
     model_yaml = yaml.safe_dump({"model": dataclasses.asdict(cfg)}, sort_keys=False)
     state = checkpoint.CheckpointState(0, 0, None, "lm", model_yaml, dist.get_world_size())
     path = checkpoint.save(args.output, state, [model], None, keep=0)
     if rank == 0:
-        ignored = sorted(set(source.files) - set().union(*used))
         (args.output / "model.yaml").write_text(model_yaml)
         print(f"[convert] wrote {path} and {args.output / 'model.yaml'}")
-        print(
-            f"[convert] {len(ignored)} checkpoint tensors not used"
-            + (f", e.g. {ignored[:3]}" if ignored else "")
-        )
+        _report_unused(source, set().union(*used), cfg)
     return 0
 
 
@@ -160,15 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import dataclasses
 
-    from megatron_prefpack.models.hf_deepseek import (
-        ConversionError,
-        SafetensorsCheckpoint,
-        read_model_config,
-    )
+    from megatron_prefpack.models.hf import ConversionError, SafetensorsCheckpoint, read_model_config
     from megatron_prefpack.platform import distributed as platform
 
     try:
-        cfg = read_model_config(args.hf_dir, post_moe_norm=args.post_moe_norm_key is not None)
+        arch, cfg = read_model_config(args.hf_dir)
         source = SafetensorsCheckpoint(args.hf_dir)
         args.output.mkdir(parents=True, exist_ok=True)
     except ConversionError as err:
@@ -180,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         return _fail(str(err))
     try:
-        return _convert(args, dataclasses.replace(cfg, params_dtype=args.dtype), source)
+        return _convert(args, arch, dataclasses.replace(cfg, params_dtype=args.dtype), source)
     finally:
         platform.destroy()
 
