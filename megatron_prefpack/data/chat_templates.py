@@ -18,6 +18,13 @@ A template is Jinja source rendered like Hugging Face ``apply_chat_template`` do
 
 Response text = render(prompt + [response]) minus render(prompt, add_generation_prompt=True);
 a template for which the latter is not a prefix of the former cannot be split and is an error.
+The preprocessor tokenizes the whole rendering as one text (as TRL does with
+``apply_chat_template``), so the split only says where the prompt ends.
+
+The built-in templates start with ``{{ bos_token }}``: the preprocessor gives them the BOS the
+tokenizer puts before plain text (none when it adds none), so that a chat record tokenizes
+like the same conversation written as a text record. Other templates get the tokenizer's
+``bos_token`` whether or not it is added to plain text, as ``apply_chat_template`` does.
 """
 
 from __future__ import annotations
@@ -30,14 +37,14 @@ from typing import Any
 
 BUILTIN_TEMPLATES: dict[str, str] = {
     "chatml": (
-        "{% for message in messages %}"
+        "{{ bos_token }}{% for message in messages %}"
         "<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
         "{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     ),
     # newlines go through string literals: trim_blocks would eat one after a block tag
     "hh": (
-        "{% for message in messages %}"
+        "{{ bos_token }}{% for message in messages %}"
         "{% if message.role == 'user' %}{{ '\\n\\nHuman: ' + message.content }}"
         "{% elif message.role == 'assistant' %}{{ '\\n\\nAssistant: ' + message.content }}"
         "{% else %}{{ raise_exception('the hh template has only user and assistant turns, got ' + message.role) }}"
@@ -54,10 +61,12 @@ class ChatTemplateError(ValueError):
 
 @dataclass
 class ChatTemplate:
-    """Compiled Jinja chat template. ``name`` says where it came from (built-in name or path)."""
+    """Compiled Jinja chat template. ``name`` says where it came from (built-in name or path);
+    ``builtin``: one of :data:`BUILTIN_TEMPLATES` (see the module docstring for its BOS)."""
 
     name: str
     source: str
+    builtin: bool = False
     _compiled: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -122,7 +131,7 @@ def resolve_chat_template(name_or_path: str | None, tokenizer_template: str | No
             None if tokenizer_template is None else ChatTemplate("tokenizer_config.json", tokenizer_template)
         )
     if name_or_path in BUILTIN_TEMPLATES:
-        return ChatTemplate(name_or_path, BUILTIN_TEMPLATES[name_or_path])
+        return ChatTemplate(name_or_path, BUILTIN_TEMPLATES[name_or_path], builtin=True)
     path = Path(name_or_path)
     if not path.is_file():
         raise ChatTemplateError(

@@ -4,10 +4,30 @@ Pipeline: the main process reads raw lines in chunks; worker processes parse, to
 truncate and check each line (order preserved); the main process writes the groups with
 :class:`~megatron_prefpack.data.group_dataset.GroupDatasetWriter` and keeps the summary.
 
-Tokenization (:func:`tokenize_record`): the prompt and each response are encoded
-separately. The prompt gets BOS in front when the tokenizer has one; every response gets
-EOS appended. Chat records are rendered with the chat template first (a rendered prompt
-that starts with the BOS token's text has that text encoded as the BOS id, never twice).
+Tokenization (:func:`tokenize_record`) gives each response the token ids the model sees at
+inference and that TRL's ``DPOTrainer`` trains on: prompt + response encoded as one text.
+
+* Text records: ``[BOS] + encode(prompt + response_k)`` for every k, BOS only when the
+  tokenizer puts one before a text (``Tokenizer.bos_id``, transformers' rule).
+* Chat records: the template renders the prompt with the generation prompt, and the prompt
+  + the assistant message as one text (TRL's ``apply_chat_template`` calls); each rendering is
+  encoded without special tokens added, a BOS only where the template renders ``bos_token``
+  (the built-in templates: see ``chat_templates``).
+* Shared prefix: the longest common token prefix of the prompt's own encoding and of every
+  prompt + response encoding. It is a prefix of every full encoding, and it never reaches
+  past the prompt's own tokens, so no response token is ever shared: a token that merges the
+  prompt's end with a response's start (``':' 'ĠB'`` for ``"...Assistant: " + "Blue"``)
+  belongs to the response, and a response that is a token-level prefix of another keeps all
+  its tokens. Response k is its full encoding minus the shared prefix.
+* The packed layout needs >= 1 prompt token: a record whose shared prefix is empty (no BOS,
+  and the prompt's first token merges with a response) is invalid
+  (``no_prompt_boundary``). Every response has >= 1 token: it ends with EOS (or holds one).
+* EOS: text records get the EOS id appended unless the encoding already ends with it (the
+  response text ends with the EOS token's text), as TRL appends ``eos_token`` to the text of
+  non-conversational completions. Chat records end where the template ends the assistant
+  turn, as in TRL (which adds no EOS to conversational data), except that EOS is appended when
+  the response's tokens hold no EOS (a template such as ``hh`` that closes turns with none:
+  the model could never learn to stop otherwise).
 
 Truncation (``--max-prompt-len`` / ``--max-response-len``) keeps the prompt's end and cuts
 responses (see :func:`megatron_prefpack.data.groups.truncate`); it is counted in the
@@ -171,20 +191,27 @@ def _has_identical_responses(group: TokenizedGroup) -> bool:
 def tokenize_record(
     record: Record, tokenizer: Tokenizer, template: ChatTemplate | None, group_id: int = -1
 ) -> TokenizedGroup:
-    """Tokenize one record into a group (prompt shared; BOS before the prompt if the tokenizer
-    has one, EOS after each response). Chat records need ``template``. Raises
-    :class:`InvalidRecord` when the record cannot be rendered or encodes to an empty prompt."""
-    prompt_text, response_texts = _texts(record, tokenizer, template)
-    prompt = tokenizer.encode(prompt_text)
-    if tokenizer.bos_id is not None:
-        prompt = [tokenizer.bos_id, *prompt]
-    if not prompt:
-        raise InvalidRecord(record.path, record.line, "prompt", "encodes to no tokens", "empty_field")
+    """Tokenize one record into a group: shared prompt prefix and responses ending with EOS, by
+    the rules of the module docstring. Chat records need ``template``. Raises
+    :class:`InvalidRecord` when the record cannot be rendered or leaves no prompt token."""
+    prompt, sequences = _encode(record, tokenizer, template)
+    shared = _common_prefix_len([prompt, *sequences])
+    if shared == 0:
+        reason = (
+            "encodes to no tokens"
+            if not prompt
+            else "its first token merges with the start of a response and the tokenizer adds no BOS, "
+            "so no prompt token is left"
+        )
+        raise InvalidRecord(
+            record.path, record.line, "prompt", reason, "empty_field" if not prompt else "no_prompt_boundary"
+        )
     return TokenizedGroup(
         group_id=group_id,
-        prompt=np.asarray(prompt, dtype=np.int32),
+        prompt=np.asarray(sequences[0][:shared], dtype=np.int32),
         responses=[
-            np.asarray([*tokenizer.encode(t), tokenizer.eos_id], dtype=np.int32) for t in response_texts
+            np.asarray(_with_eos(s[shared:], tokenizer.eos_id, record.is_chat), dtype=np.int32)
+            for s in sequences
         ],
         kind=record.kind,
         scores=None if record.scores is None else list(record.scores),
@@ -193,10 +220,37 @@ def tokenize_record(
     )
 
 
-def _texts(record: Record, tokenizer: Tokenizer, template: ChatTemplate | None) -> tuple[str, list[str]]:
-    """Prompt text (without a leading BOS token text) and response texts of a record."""
-    if isinstance(record.prompt, str):
-        return record.prompt, list(record.responses)
+def _encode(
+    record: Record, tokenizer: Tokenizer, template: ChatTemplate | None
+) -> tuple[list[int], list[list[int]]]:
+    """Token ids of the prompt alone and of the prompt + each response, each one text."""
+    if not record.is_chat:
+        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        return [*bos, *tokenizer.encode(record.prompt)], [
+            [*bos, *tokenizer.encode(record.prompt + r)] for r in record.responses
+        ]
+    prompt_text, response_texts = _rendered(record, tokenizer, template)
+    return tokenizer.encode_rendered(prompt_text), [
+        tokenizer.encode_rendered(prompt_text + r) for r in response_texts
+    ]
+
+
+def _common_prefix_len(sequences: list[list[int]]) -> int:
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    for i in range(shortest):
+        if any(s[i] != first[i] for s in sequences[1:]):
+            return i
+    return shortest
+
+
+def _with_eos(response: list[int], eos_id: int, chat: bool) -> list[int]:
+    ends = eos_id in response if chat else response[-1:] == [eos_id]
+    return response if ends else [*response, eos_id]
+
+
+def _rendered(record: Record, tokenizer: Tokenizer, template: ChatTemplate | None) -> tuple[str, list[str]]:
+    """A chat record's prompt rendering (with the generation prompt) and response texts."""
     if template is None:
         raise InvalidRecord(
             record.path,
@@ -208,18 +262,16 @@ def _texts(record: Record, tokenizer: Tokenizer, template: ChatTemplate | None) 
         )
     prompt_text = ""
     responses = []
+    adds_bos = tokenizer.bos_id is not None
+    bos_token = tokenizer.bos_token if adds_bos or not template.builtin else None
     for k, response in enumerate(record.responses):
         try:
-            prompt_text, text = template.split(
-                list(record.prompt), response, tokenizer.bos_token, tokenizer.eos_token
-            )
+            prompt_text, text = template.split(list(record.prompt), response, bos_token, tokenizer.eos_token)
         except ChatTemplateError as e:
             raise InvalidRecord(
                 record.path, record.line, _response_field(record, k), str(e), "chat_template"
             ) from None
         responses.append(text)
-    if tokenizer.bos_id is not None and tokenizer.bos_token and prompt_text.startswith(tokenizer.bos_token):
-        prompt_text = prompt_text[len(tokenizer.bos_token) :]
     return prompt_text, responses
 
 
@@ -302,8 +354,7 @@ def _roundtrip_mismatch(record: Record) -> str | None:
     """``file:line`` of the record if decoding the tokens of one of its texts does not give
     that text back (the tokenizer normalizes text, e.g. collapses whitespace)."""
     tokenizer = _state.tokenizer
-    prompt_text, response_texts = _texts(record, tokenizer, _state.template)
-    for text in (prompt_text, *response_texts):
+    for text in record.texts():
         if tokenizer.decode(tokenizer.encode(text)) != text:
             return f"{record.path}:{record.line}"
     return None

@@ -1,19 +1,35 @@
 """Tokenizers from local files: SentencePiece ``.model`` and Hugging Face ``tokenizer.json``.
 
 :func:`load_tokenizer` is the only constructor other modules need. ``encode`` never adds
-special tokens; the preprocessor adds BOS (when the tokenizer has one) and EOS itself so the
-prompt and the responses can be tokenized separately.
+special tokens; the preprocessor puts ``bos_id`` in front of each text itself and ends each
+response with EOS (see ``preprocess``), and encodes chat-template renderings with
+``encode_rendered``.
+
+``bos_id`` is the BOS that the tokenizer puts in front of a text when special tokens are added
+(``None``: none), decided as transformers' ``AutoTokenizer`` decides it for a ``tokenizer.json``
+(``TokenizersBackend``, transformers 5): the ``tokenizer.json`` post-processor alone decides
+(``TemplateProcessing``, ``RobertaProcessing``, ...). The single token it puts before a text is
+the BOS; none, or no post-processor at all, means no BOS, even when the config names a
+``bos_token``. ``add_bos_token``/``add_eos_token`` in ``tokenizer_config.json`` are ignored
+beside a ``tokenizer.json``, as ``from_pretrained`` ignores them. A post-processor that puts
+more than one token before a text, or anything but EOS after it, is refused (no causal-LM
+tokenizer does; it would be approximated otherwise).
+
+A SentencePiece ``.model`` adds its own BOS when it defines one (as the sentencepiece-based
+Llama tokenizers of transformers do by default, ``add_bos_token=True``).
 
 Special tokens of a ``tokenizer.json`` come from a ``tokenizer_config.json`` beside it
-(``bos_token``, ``eos_token``, ``pad_token``, ``add_bos_token``, ``chat_template``); without
-one, EOS/BOS/PAD are looked up among a few conventional names and the choice is recorded
-in :meth:`Tokenizer.describe`. A tokenizer without an EOS token is refused. ``pad_id`` falls
-back to ``eos_id`` when no pad token exists (pad tokens never carry loss or attention).
+(``bos_token``, ``eos_token``, ``pad_token``, ``chat_template``) and are made special added
+tokens, as transformers does, so that their text in a chat rendering encodes to their id;
+without a config, EOS/BOS/PAD are looked up among a few conventional names and the choice is
+recorded in :meth:`Tokenizer.describe`. A tokenizer without an EOS token is refused. ``pad_id``
+falls back to ``eos_id`` when no pad token exists (pad tokens never carry loss or attention).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -52,6 +68,12 @@ class Tokenizer(ABC):
     @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without any special tokens added."""
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Token ids of a chat-template rendering, as transformers' ``apply_chat_template``
+        tokenizes it: no special tokens added, and the texts of the BOS and EOS tokens in it
+        are those tokens."""
+        return self.encode(text)
 
     @abstractmethod
     def decode(self, ids: list[int]) -> str: ...
@@ -99,6 +121,16 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._sp.EncodeAsIds(text)
 
+    def encode_rendered(self, text: str) -> list[int]:
+        # SentencePiece encodes control-symbol texts as plain characters: split them out first.
+        specials = {t: i for t, i in ((self.bos_token, self.bos_id), (self.eos_token, self.eos_id)) if t}
+        if not any(t in text for t in specials):
+            return self.encode(text)
+        ids: list[int] = []
+        for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+            ids += [specials[part]] if part in specials else self.encode(part)
+        return ids
+
     def decode(self, ids: list[int]) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
 
@@ -126,15 +158,36 @@ class HFTokenizer(Tokenizer):
                 f"{path}: cannot tell the EOS token; put a tokenizer_config.json with 'eos_token' beside it"
             )
         self.eos_id = self._id(self.eos_token)
-        # A template may still render bos_token when add_bos_token is false: keep its text.
+        # A template may render bos_token even when none is added: keep its text.
         self.bos_token = self._special(config, "bos_token", _BOS_NAMES)
-        adds_bos = (
-            self.bos_token is not None and config.get("add_bos_token") is not False
-        )  # absent or null: true
-        self.bos_id = self._id(self.bos_token) if adds_bos else None
         pad_token = self._special(config, "pad_token", _PAD_NAMES)
         self.pad_id = self.eos_id if pad_token is None else self._id(pad_token)
+        special = [
+            t
+            for t in (self.bos_token, self.eos_token, pad_token)
+            if t and self._tok.token_to_id(t) is not None
+        ]
+        self._tok.add_special_tokens(
+            [tokenizers.AddedToken(t, special=True, normalized=False) for t in special]
+        )
+        self.bos_id = self._post_processor_bos()
         self.chat_template = template_from_config(config, config_path)
+
+    def _post_processor_bos(self) -> int | None:
+        """The one token the tokenizer.json post-processor puts before a text (``None``: none)."""
+        probe = "Hello world"
+        plain = self._tok.encode(probe, add_special_tokens=False).ids
+        full = self._tok.encode(probe, add_special_tokens=True).ids
+        start = next((i for i in range(len(full)) if full[i : i + len(plain)] == plain), None)
+        if not plain or start is None:
+            raise TokenizerError(f"{self.path}: cannot tell which special tokens its post-processor adds")
+        before, after = full[:start], full[start + len(plain) :]
+        if len(before) > 1 or after not in ([], [self.eos_id]):
+            raise TokenizerError(
+                f"{self.path}: field 'post_processor': adds {before} before and {after} after a text; "
+                "only one BOS before and EOS after are supported"
+            )
+        return before[0] if before else None
 
     def _special(self, config: dict, key: str, conventional: tuple[str, ...]) -> str | None:
         if key in config:  # null: the tokenizer has none
@@ -163,7 +216,7 @@ class HFTokenizer(Tokenizer):
 def read_tokenizer_config(path: Path) -> dict[str, Any]:
     """A parsed ``tokenizer_config.json`` whose keys this module reads have usable types: special
     tokens (``bos_token``, ``eos_token``, ``pad_token``) strings or ``{"content": str}`` objects
-    or null, ``add_bos_token`` a boolean or null, a valid ``chat_template``. Raises
+    or null, ``add_bos_token``/``add_eos_token`` booleans or null, a valid ``chat_template``. Raises
     :class:`TokenizerError` naming the file (and line, for invalid JSON)."""
     config = read_json_object(path, TokenizerError)
     for key in ("bos_token", "eos_token", "pad_token"):
@@ -173,9 +226,10 @@ def read_tokenizer_config(path: Path) -> dict[str, Any]:
             raise TokenizerError(
                 f"{path}: field '{key}': expected a string or an object with a string 'content', got {value!r}"
             )
-    add_bos = config.get("add_bos_token")
-    if add_bos is not None and not isinstance(add_bos, bool):
-        raise TokenizerError(f"{path}: field 'add_bos_token': expected true or false, got {add_bos!r}")
+    for key in ("add_bos_token", "add_eos_token"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise TokenizerError(f"{path}: field '{key}': expected true or false, got {value!r}")
     template_from_config(config, path)
     return config
 
