@@ -1,7 +1,8 @@
 """DPO-family losses against numbers computed by hand from the papers' definitions.
 
 TRL is not installed here (it pulls transformers, datasets, pyarrow and pandas), so every
-expected value below is written out with ``math`` from the published formulas.
+expected value below is written out with ``math`` from the published formulas, and TRL's
+``DPOTrainer`` losses are re-implemented from its source in :func:`trl_dpo_loss`.
 """
 
 from __future__ import annotations
@@ -75,17 +76,72 @@ def test_hinge_is_zero_beyond_the_margin() -> None:
     assert run(DPOConfig("hinge", beta=1.0))[0] == 0.0  # 1 - 2 < 0
 
 
-def test_ipo_is_squared_distance_to_half_inverse_beta() -> None:
-    assert run(DPOConfig("ipo", beta=0.1))[0] == pytest.approx((2 - 5) ** 2)
-    assert run(DPOConfig("ipo", beta=0.25))[0] == pytest.approx(0.0)  # z = 1 / (2 beta) = 2
-
-
-def test_length_normalize_divides_each_log_ratio_by_its_length() -> None:
-    loss, chosen, rejected = run(DPOConfig("ipo", beta=0.1, length_normalize=True))
-    z = 1 / N_C - (-1) / N_R
+def test_ipo_is_squared_distance_to_half_inverse_beta_of_per_token_log_ratios() -> None:
+    loss, chosen, rejected = run(DPOConfig("ipo", beta=0.1))
+    z = 1 / N_C - (-1) / N_R  # each log-ratio divided by its length (TRL's IPO)
     assert loss == pytest.approx((z - 5) ** 2)
     assert chosen == pytest.approx(0.1 / N_C)
     assert rejected == pytest.approx(-0.1 / N_R)
+    assert DPOConfig("ipo").normalizes_length and not DPOConfig("sigmoid").normalizes_length
+
+
+def test_length_normalize_false_gives_ipo_on_sums_and_true_normalises_sigmoid() -> None:
+    assert run(DPOConfig("ipo", beta=0.1, length_normalize=False))[0] == pytest.approx((2 - 5) ** 2)
+    assert run(DPOConfig("ipo", beta=0.25, length_normalize=False))[0] == pytest.approx(0.0)  # z = 2
+    loss, chosen, _ = run(DPOConfig("sigmoid", beta=0.1, length_normalize=True))
+    assert loss == pytest.approx(softplus(-0.1 * (1 / N_C + 1 / N_R)))
+    assert chosen == pytest.approx(0.1 / N_C)
+
+
+def trl_dpo_loss(
+    loss_type: str,
+    beta: float,
+    label_smoothing: float,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Per-pair losses as TRL's ``DPOTrainer`` computes them (trl/trainer/dpo_trainer.py at
+    f2cd577, ``f_divergence_type="reverse_kl"``): log-prob sums over the completion tokens,
+    ``*_mask`` the ``(P, T)`` completion masks whose row sums are the lengths."""
+    chosen_scores = chosen_logps - ref_chosen_logps
+    rejected_scores = rejected_logps - ref_rejected_logps
+    delta_score = chosen_scores - rejected_scores
+    if loss_type == "sigmoid":
+        return -torch.nn.functional.logsigmoid(beta * delta_score)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * delta_score)
+    if loss_type == "robust":
+        clean = -(1 - label_smoothing) * torch.nn.functional.logsigmoid(beta * delta_score)
+        flipped = -label_smoothing * torch.nn.functional.logsigmoid(-beta * delta_score)
+        return (clean - flipped) / (1 - 2 * label_smoothing)
+    assert loss_type == "ipo"
+    chosen_avg_score = chosen_scores / chosen_mask.sum(dim=1).clamp(min=1.0)
+    rejected_avg_score = rejected_scores / rejected_mask.sum(dim=1).clamp(min=1.0)
+    return (chosen_avg_score - rejected_avg_score - 1 / (2 * beta)) ** 2
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "beta", "eps"),
+    [("ipo", 0.1, 0.0), ("ipo", 0.7, 0.0), ("sigmoid", 0.1, 0.0), ("hinge", 0.3, 0.0), ("robust", 0.2, 0.3)],
+)
+def test_defaults_equal_trl_on_random_pairs(loss_type: str, beta: float, eps: float) -> None:
+    gen = torch.Generator().manual_seed(7)
+    pairs, width = 64, 200
+    lengths = torch.randint(1, width + 1, (2, pairs), generator=gen)
+    # per-token log-probs of policy and reference, masked to each completion
+    mask = (torch.arange(width)[None, None, :] < lengths[:, :, None]).double()
+    per_token = -torch.rand(4, 2, pairs, width, generator=gen, dtype=torch.float64) * 3
+    sums = (per_token * mask).sum(-1)  # (policy, reference) x (chosen, rejected) ... per pair
+    pi_c, pi_r, ref_c, ref_r = sums[0, 0], sums[0, 1], sums[1, 0], sums[1, 1]
+    ours = dpo_losses(
+        DPOConfig(loss_type, beta=beta, label_smoothing=eps), pi_c, pi_r, ref_c, ref_r, *lengths
+    )
+    trl = trl_dpo_loss(loss_type, beta, eps, pi_c, pi_r, ref_c, ref_r, mask[0], mask[1])
+    torch.testing.assert_close(ours.losses, trl, rtol=1e-12, atol=1e-12)
 
 
 def test_simpo_is_reference_free_length_normalised_with_margin() -> None:

@@ -14,7 +14,6 @@ that closes the assistant turn.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -94,7 +93,10 @@ def record(obj: dict):
 
 
 def common_prefix(sequences: list[list[int]]) -> list[int]:
-    return list(os.path.commonprefix(sequences))
+    n = 0
+    while all(len(s) > n and s[n] == sequences[0][n] for s in sequences):
+        n += 1
+    return sequences[0][:n]
 
 
 def trl_text(reference, prompt: str, response: str) -> tuple[list[int], list[int]]:

@@ -70,17 +70,28 @@ def test_tokenize_chat_record_with_builtin_template(sp_path: Path) -> None:
     assert group.responses[0][-1] == tokenizer.eos_id
 
 
-def test_chat_template_bos_token_becomes_a_single_bos_id(hf_dir: Path) -> None:
+def test_chat_template_bos_token_becomes_a_single_bos_id(hf_dir: Path, sp_path: Path) -> None:
+    """The template renders ``<s>``: one BOS id, for a tokenizer that adds none to plain text
+    (the HF fixture) and for one that does (SentencePiece, which does not parse ``<s>`` itself)."""
     tokenizer = load_tokenizer(hf_dir)
     template = resolve_chat_template(None, tokenizer.chat_template)
     record = parse_record(json.dumps(RECORDS[1]).encode(), "f", 1)
     group = tokenize_record(record, tokenizer, template)
-    assert group.prompt[0] == tokenizer.bos_id and tokenizer.bos_id not in group.prompt[1:].tolist()
+    bos = tokenizer.encode("<s>")
+    assert tokenizer.bos_id is None and bos == [1]
+    assert group.prompt[:1].tolist() == bos and 1 not in group.prompt[1:].tolist()
     assert (
         tokenizer.decode(group.prompt)
         == "<s><|im_start|>user\nWhat is a pen?<|im_end|>\n<|im_start|>assistant\n"
     )
     assert tokenizer.decode(group.responses[1]) == "A fish.<|im_end|>\n</s>"
+
+    sp = load_tokenizer(sp_path)
+    group = tokenize_record(record, sp, template)
+    assert group.prompt[0] == sp.bos_id and sp.bos_id not in group.prompt[1:].tolist()
+    assert (
+        sp.decode(group.prompt[1:]) == "<|im_start|>user\nWhat is a pen?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_hh_text_pair_and_hh_chat_record_give_the_same_tokens(sp_path: Path) -> None:

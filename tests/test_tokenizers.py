@@ -36,7 +36,8 @@ def test_huggingface_tokenizer_from_file_and_directory(hf_dir: Path) -> None:
     by_dir = load_tokenizer(hf_dir)
     assert by_file.describe() == by_dir.describe()
     assert by_file.kind == "huggingface" and by_file.vocab_size == 600
-    assert (by_file.pad_id, by_file.bos_id, by_file.eos_id) == (0, 1, 2)
+    # the config names a bos_token but the tokenizer.json has no post-processor: no BOS is added
+    assert (by_file.pad_id, by_file.bos_id, by_file.eos_id, by_file.bos_token) == (0, None, 2, "<s>")
     assert by_file.chat_template == HF_CHAT_TEMPLATE
     for text in TEXTS:
         assert by_file.decode(by_file.encode(text)) == text
@@ -56,11 +57,15 @@ def test_describe_identifies_the_file(sp_path: Path, hf_dir: Path) -> None:
 def test_huggingface_without_config_uses_conventional_names(hf_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
     tokenizer = load_tokenizer(tmp_path)
-    assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.chat_template) == (0, 1, 2, None)
-
-    (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<|im_end|>", "add_bos_token": False})
+    assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.chat_template) == (
+        0,
+        None,
+        2,
+        None,
     )
+    assert tokenizer.bos_token == "<s>"
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
     tokenizer = load_tokenizer(tmp_path)
     assert (tokenizer.eos_id, tokenizer.bos_id, tokenizer.bos_token) == (4, None, "<s>")
 

@@ -4,15 +4,18 @@ All losses take per-pair log-probability *sums* of the chosen and rejected respo
 the policy and (except SimPO) the reference model, plus the responses' token counts, and
 return per-pair losses; reduction over pairs is the caller's (see ``objectives``).
 
-With ``z = (pi_c - ref_c) - (pi_r - ref_r)`` (log-probs averaged per token first when
-``length_normalize``), ``eps = label_smoothing``, ``beta = beta``:
+With ``z = (pi_c - ref_c) - (pi_r - ref_r)`` (each log-ratio divided by its response's token
+count first when length-normalised: ``length_normalize``, by default on for ``ipo`` only),
+``eps = label_smoothing``, ``beta = beta``:
 
 * ``sigmoid`` (DPO, Rafailov et al. 2023; conservative DPO for ``eps > 0``):
   ``-(1 - eps) log s(beta z) - eps log s(-beta z)``;
 * ``robust`` (Chowdhury et al. 2024, noise rate ``eps < 0.5``):
   ``(-(1 - eps) log s(beta z) + eps log s(-beta z)) / (1 - 2 eps)``;
 * ``hinge`` (SLiC / RSO): ``max(0, 1 - beta z)``;
-* ``ipo`` (Azar et al. 2023, ``beta`` is tau): ``(z - 1 / (2 beta))^2``;
+* ``ipo`` (Azar et al. 2023, ``beta`` is tau): ``(z - 1 / (2 beta))^2``, length-normalised by
+  default as TRL's ``DPOTrainer`` does (the IPO authors' form; ``length_normalize: false``
+  gives the paper's literal sums, whose square grows with the response length);
 * ``simpo`` (Meng et al. 2024, reference-free, always length-normalised): with
   ``u = beta (avg_c - avg_r) - gamma``, ``-(1 - eps) log s(u) - eps log s(-u)``.
 
@@ -21,6 +24,14 @@ With ``z = (pi_c - ref_c) - (pi_r - ref_r)`` (log-probs averaged per token first
 
 Rewards reported per pair are ``beta * (pi - ref)`` of the quantities the loss used (SimPO:
 ``beta * avg``), detached: the trainer logs their means, accuracy (chosen > rejected) and margin.
+
+Against TRL's ``DPOTrainer`` (read at commit f2cd577, 2026-07; log-prob sums over completion
+tokens, EOS included, as here): ``sigmoid`` (eps = 0), ``hinge``, ``robust`` and ``ipo`` are its
+losses. Deliberate differences: ``sigmoid`` with ``label_smoothing > 0`` is conservative DPO
+here, while TRL's ``sigmoid`` ignores ``label_smoothing``; the logged rewards of a
+length-normalised loss (``ipo`` by default) are per-token, while TRL logs ``beta`` times the
+summed log-ratio for every loss type; ``simpo`` is TRL's ``CPOTrainer`` SimPO, not a
+``DPOTrainer`` loss.
 """
 
 from __future__ import annotations
@@ -45,8 +56,9 @@ class DPOConfig:
     """SimPO's target reward margin gamma (absolute, not gamma / beta)."""
     rpo_alpha: float | None = None
     """Weight of the chosen response's per-token NLL (RPO); ``None`` disables it."""
-    length_normalize: bool = False
-    """Use per-token average log-probs instead of sums (implied by ``simpo``)."""
+    length_normalize: bool | None = None
+    """Use per-token average log-probs instead of sums; ``None``: the loss type's convention
+    (on for ``ipo``, as TRL; off for the others). ``simpo`` always averages."""
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -59,6 +71,11 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.label_smoothing has no meaning for loss_type {self.loss_type!r}")
         if self.rpo_alpha is not None and self.rpo_alpha < 0:
             raise ValueError(f"DPOConfig.rpo_alpha must be >= 0, got {self.rpo_alpha}")
+
+    @property
+    def normalizes_length(self) -> bool:
+        """Whether the log-ratios are divided by the token counts (``length_normalize`` resolved)."""
+        return self.loss_type == "ipo" if self.length_normalize is None else self.length_normalize
 
     @property
     def needs_reference(self) -> bool:
@@ -104,7 +121,7 @@ def dpo_losses(
             raise ValueError(f"loss_type {config.loss_type!r} needs reference log-probs")
         chosen_ratio = policy_chosen - reference_chosen
         rejected_ratio = policy_rejected - reference_rejected
-        if config.length_normalize:
+        if config.normalizes_length:
             chosen_ratio = chosen_ratio / chosen_num_tokens
             rejected_ratio = rejected_ratio / rejected_num_tokens
         chosen_rewards = beta * chosen_ratio
