@@ -169,13 +169,16 @@ class ShardWriter:
     ``max_bytes`` each (a larger tensor gets a file of its own).
 
     ``add`` keeps a tensor until its shard is full; ``close`` writes the last shard and returns
-    ``{file name: [tensor names]}`` of every file written. Names must be unique."""
+    ``{file name: [tensor names]}`` of every file written; ``total_bytes`` counts the tensor
+    bytes written, ``names`` every name added. Names must be unique."""
 
     def __init__(self, directory: Path, stem: str, max_bytes: int) -> None:
         self.directory, self.stem, self.max_bytes = directory, stem, max_bytes
         self.files: dict[str, list[str]] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._bytes = 0
+        self.total_bytes = 0
+        self.names: list[str] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -183,6 +186,8 @@ class ShardWriter:
             self._flush()
         self._pending[name] = tensor.contiguous()
         self._bytes += size
+        self.total_bytes += size
+        self.names.append(name)
 
     def _flush(self) -> None:
         from safetensors.torch import save_file

@@ -1,0 +1,373 @@
+"""Hugging Face in and out for the official A.X K1 layout (transformers' ``AXK1ForCausalLM``),
+against transformers itself.
+
+A random tiny ``AXK1ForCausalLM`` (``mlp_layer_types``, layer-level ``post_mlp_layernorm``) is
+saved with ``save_pretrained``, plus a multi-token-prediction layer's tensors (as the released
+checkpoint has). Checked: the import gives packed log-probs equal to transformers on each
+prompt + response alone; HF -> Megatron -> HF is bit-identical (MTP carried over), also when the
+checkpoint was saved under TP2 and exported under EP2 or an uneven PP2; after the weights
+change, transformers loading the export gives this package's log-probs; a reward model exports
+as ``AXK1ForSequenceClassification`` with equal rewards; bad inputs exit 2 naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_prefpack.models.config import ModelConfig
+from megatron_prefpack.models.presets import preset
+from tests.test_model_equivalence import make_batch, make_groups, response_token_logprobs, single_batch
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "AXK1ForCausalLM"):
+    pytest.skip("this transformers (< 5.24) has no AXK1ForCausalLM", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+MTP_TENSORS = ("eh_proj.weight", "enorm.weight", "hnorm.weight")
+EOS = 2
+
+
+def axk1_shaped() -> ModelConfig:
+    """``tiny-mla-moe``: A.X K1's architecture in miniature (dense first layer, post-MoE norm)."""
+    return dataclasses.replace(preset("tiny-mla-moe"), name="hf")
+
+
+def axk1_config(cfg: ModelConfig):
+    mla, moe, yarn = cfg.mla, cfg.moe, cfg.yarn
+    return transformers.AXK1Config(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        moe_intermediate_size=moe.expert_ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        n_shared_experts=1,
+        n_routed_experts=moe.num_experts,
+        routed_scaling_factor=moe.routing_scaling_factor,
+        kv_lora_rank=mla.kv_lora_rank,
+        q_lora_rank=mla.q_lora_rank,
+        qk_rope_head_dim=mla.qk_pos_emb_head_dim,
+        qk_nope_head_dim=mla.qk_head_dim,
+        v_head_dim=mla.v_head_dim,
+        n_group=moe.num_groups,
+        topk_group=moe.topk_groups,
+        num_experts_per_tok=moe.top_k,
+        mlp_layer_types=["dense" if p == 0 else "sparse" for p in cfg.moe_layer_pattern()],
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.norm_epsilon,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": cfg.rotary_base,
+            "factor": yarn.scaling_factor,
+            "original_max_position_embeddings": yarn.original_max_position_embeddings,
+            "beta_fast": yarn.beta_fast,
+            "beta_slow": yarn.beta_slow,
+            "mscale": yarn.mscale,
+            "mscale_all_dim": yarn.mscale_all_dim,
+        },
+        attn_implementation="eager",
+    )
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Every weight random (norms around 1), the routing correction bias included."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator)
+                tensor.copy_(noise * (0.5 if "norm" in name else 0.1) + ("norm" in name))
+
+
+def hf_logprobs(model: torch.nn.Module, vocab_size: int) -> dict:
+    """Each response's per-token log-probs with prompt + response run alone through HF."""
+    expected = {}
+    with torch.no_grad():
+        for group in make_groups(seed=3, vocab_size=vocab_size):
+            for k in range(len(group.responses)):
+                alone = single_batch(group, k)
+                logits = model(input_ids=alone.tokens).logits
+                expected[(group.group_id, k)] = response_token_logprobs(logits, alone)[(group.group_id, k)]
+    return expected
+
+
+def packed_logprobs(model: torch.nn.Module, vocab_size: int) -> dict:
+    from megatron_prefpack.models.forward import model_forward
+
+    batch = make_batch(make_groups(seed=3, vocab_size=vocab_size), "packed")
+    with torch.no_grad():
+        return response_token_logprobs(model_forward(model.eval(), batch), batch)
+
+
+def assert_close(packed: dict, expected: dict, tol: float = 1e-5) -> None:
+    assert packed.keys() == expected.keys()
+    for key, reference in expected.items():
+        diff = (packed[key] - reference).abs().max().item()
+        assert diff <= tol, f"response {key}: max |diff| {diff:.3g}"
+
+
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def hf_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random AXK1ForCausalLM saved with save_pretrained, plus an MTP layer's tensors in a
+    second shard (``num_nextn_predict_layers: 1``) and a tokenizer file to copy."""
+    from safetensors.torch import save_file
+
+    cfg = axk1_shaped()
+    hf = transformers.AXK1ForCausalLM(axk1_config(cfg)).eval()
+    _randomize(hf, seed=0)
+    directory = tmp_path_factory.mktemp("axk1")
+    hf.save_pretrained(directory)
+    mtp = {f"model.layers.{cfg.num_layers}.{n}": torch.randn(4, cfg.hidden_size) for n in MTP_TENSORS}
+    save_file(mtp, directory / "mtp.safetensors")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    return directory
+
+
+def run_tool(name: str, argv: list[str]) -> tuple[int, str, str]:
+    """``tools/<name>.py`` run in this process: exit status, stdout, stderr."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[name] = tool  # its dataclasses look their module up
+    spec.loader.exec_module(tool)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = tool.main(argv)
+    return status, out.getvalue(), err.getvalue()
+
+
+def run_tool_distributed(name: str, nproc: int, argv: list[str]) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+    command = [*launcher, str(REPO / "tools" / f"{name}.py"), *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def converted(hf_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("mcore") / "ckpt"
+    status, out, err = run_tool(
+        "convert_hf_checkpoint", ["--hf-dir", str(hf_source), "--output", str(output), "--dtype", "float32"]
+    )
+    assert status == 0, out + err
+    assert "kept aside for export: 3 tensors of multi-token-prediction layer(s) [3]" in out, out
+    assert "0 checkpoint tensors not used" in out, out
+    return output
+
+
+def _load_model(ckpt: Path, reward: bool = False) -> torch.nn.Module:
+    """This process's model with ``ckpt``'s weights (Megatron's parallel state must exist)."""
+    from megatron_prefpack.losses.reward import attach_reward_head
+    from megatron_prefpack.models.builder import build_model
+    from megatron_prefpack.training import checkpoint
+
+    model = build_model(axk1_shaped())
+    if reward:
+        attach_reward_head(model)
+    checkpoint.load(ckpt, [model], restore_rng=False)
+    return model
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_import_gives_packed_logprobs_equal_to_transformers(hf_source, converted) -> None:
+    cfg = axk1_shaped()
+    expected = hf_logprobs(
+        transformers.AutoModelForCausalLM.from_pretrained(hf_source).eval(), cfg.vocab_size
+    )
+    assert_close(packed_logprobs(_load_model(converted), cfg.vocab_size), expected)
+
+
+def _export(converted: Path, output: Path, *extra: str) -> str:
+    status, out, err = run_tool(
+        "export_hf_checkpoint", ["--load", str(converted), "--output", str(output), *extra]
+    )
+    assert status == 0, out + err
+    return out
+
+
+def test_round_trip_is_bit_identical_and_carries_the_mtp_layer(hf_source, converted, tmp_path) -> None:
+    out = _export(converted, tmp_path / "hf", "--hf-config", str(hf_source), "--dtype", "float32")
+    assert "carried over" in out and f"model.layers.3.{MTP_TENSORS[0]}" in out, out
+    source, exported = read_tensors(hf_source), read_tensors(tmp_path / "hf")
+    assert exported.keys() == source.keys()
+    for name, tensor in source.items():
+        assert torch.equal(exported[name], tensor), name
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(source)
+    assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
+    assert (tmp_path / "hf" / "generation_config.json").is_file()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert type(loaded).__name__ == "AXK1ForCausalLM"
+
+    _export(
+        converted, tmp_path / "dropped", "--hf-config", str(hf_source), "--dtype", "float32", "--drop-mtp"
+    )
+    assert read_tensors(tmp_path / "dropped").keys() == {
+        n for n in source if not n.startswith("model.layers.3.")
+    }
+
+
+def _changed_checkpoint(converted: Path, target: Path, reward: bool) -> None:
+    """``converted``'s model with every weight changed (as training would), saved to ``target``."""
+    from megatron_prefpack.training import checkpoint
+
+    model = _load_model(converted, reward=reward)
+    _randomize(model, seed=7)
+    state = checkpoint.read_state(converted)
+    state = dataclasses.replace(state, objective="rm" if reward else "lm", world_size=1)
+    checkpoint.save(target, state, [model], None, keep=0)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("megatron_single_process")
+def test_export_after_training_gives_this_packages_logprobs_in_transformers(hf_source, converted, tmp_path):
+    _changed_checkpoint(converted, tmp_path / "trained", reward=False)
+    ours = packed_logprobs(_load_model(tmp_path / "trained"), axk1_shaped().vocab_size)
+    _export(tmp_path / "trained", tmp_path / "hf", "--hf-config", str(hf_source), "--dtype", "float32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert_close(ours, hf_logprobs(hf, axk1_shaped().vocab_size))
+
+    _export(tmp_path / "trained", tmp_path / "generated", "--dtype", "float32")  # config from the model
+    generated = json.loads((tmp_path / "generated" / "config.json").read_text())
+    assert generated["model_type"] == "axk1" and "first_k_dense_replace" not in generated
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "generated").eval()
+    assert_close(ours, hf_logprobs(hf, axk1_shaped().vocab_size))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("megatron_single_process")
+def test_reward_model_exports_as_sequence_classification_with_equal_rewards(hf_source, converted, tmp_path):
+    from megatron_prefpack.models.forward import model_forward
+
+    _changed_checkpoint(converted, tmp_path / "rm", reward=True)
+    model = _load_model(tmp_path / "rm", reward=True).eval()
+    status, _, err = run_tool(
+        "export_hf_checkpoint",
+        ["--load", str(tmp_path / "rm"), "--output", str(tmp_path / "bad"), "--hf-config", str(hf_source)],
+    )
+    assert status == 2 and "a reward model needs a pad_token_id" in err, err
+    _export(
+        tmp_path / "rm",
+        tmp_path / "hf",
+        "--hf-config",
+        str(hf_source),
+        "--dtype",
+        "float32",
+        "--pad-token-id",
+        "0",
+    )
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "AXK1ForSequenceClassification" and hf.config.pad_token_id == 0
+    with torch.no_grad():
+        for group in make_groups(seed=3, vocab_size=axk1_shaped().vocab_size):
+            for k in range(len(group.responses)):
+                alone = single_batch(group, k)
+                ours = model_forward(model, alone)[0, -1, 0]
+                theirs = hf(input_ids=alone.tokens).logits[0, 0]
+                assert (ours - theirs).abs().item() <= 1e-5, (group.group_id, k)
+
+
+def _resave_under_tp2(converted: str, target: str) -> None:
+    from megatron_prefpack.models.builder import build_model
+    from megatron_prefpack.platform import distributed as dist_platform
+    from megatron_prefpack.training import checkpoint
+
+    dist_platform.initialize(tensor_parallel=2)
+    model = build_model(axk1_shaped())
+    state = checkpoint.load(converted, [model], restore_rng=False)
+    checkpoint.save(target, dataclasses.replace(state, world_size=2), [model], None, keep=0)
+
+
+PARALLEL_EXPORTS = {
+    "tp2_saved": (1, []),
+    "ep2": (2, ["--expert", "2"]),
+    "pp2_uneven": (2, ["--pipeline", "2", "--first-stage-layers", "1"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(PARALLEL_EXPORTS))
+def test_parallel_export_is_bit_identical(hf_source, converted, layout, tmp_path) -> None:
+    from tests.distributed import run_distributed
+
+    nproc, extra = PARALLEL_EXPORTS[layout]
+    load = converted
+    if layout == "tp2_saved":
+        load = tmp_path / "tp2"
+        run_distributed(_resave_under_tp2, 2, str(converted), str(load), timeout=180)
+    argv = [
+        "--load",
+        str(load),
+        "--output",
+        str(tmp_path / "hf"),
+        "--hf-config",
+        str(hf_source),
+        "--dtype",
+        "float32",
+    ]
+    if nproc == 1:
+        _export(load, tmp_path / "hf", *argv[4:])
+    else:
+        done = run_tool_distributed("export_hf_checkpoint", nproc, [*argv, *extra])
+        assert done.returncode == 0, done.stdout + done.stderr
+    source, exported = read_tensors(hf_source), read_tensors(tmp_path / "hf")
+    assert exported.keys() == source.keys()
+    for name, tensor in source.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+def test_export_refuses_a_non_empty_output_and_another_models_config(hf_source, converted, tmp_path) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    status, _, err = run_tool(
+        "export_hf_checkpoint", ["--load", str(converted), "--output", str(tmp_path / "taken")]
+    )
+    assert status == 2 and f"export_hf_checkpoint: {tmp_path / 'taken'}: exists and is not empty" in err, err
+
+    other = tmp_path / "other"
+    shutil.copytree(hf_source, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(
+        json.dumps(
+            {
+                **config,
+                "routed_scaling_factor": 1.0,
+                "num_hidden_layers": 4,
+                "mlp_layer_types": ["dense"] + ["sparse"] * 3,
+            }
+        )
+    )
+    status, _, err = run_tool(
+        "export_hf_checkpoint",
+        ["--load", str(converted), "--output", str(tmp_path / "out"), "--hf-config", str(other)],
+    )
+    assert status == 2 and f"export_hf_checkpoint: {other / 'config.json'}: describes another model" in err, (
+        err
+    )
+    assert "num_layers: 3 != 4" in err and "moe.routing_scaling_factor: 2.5 != 1.0" in err, err
+    assert not (tmp_path / "out").exists() and "Traceback" not in err
