@@ -89,7 +89,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
-            if tensor.is_floating_point():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
                 noise = torch.randn(tensor.shape, generator=generator)
                 tensor.copy_(noise * (0.5 if "norm" in name else 0.1) + ("norm" in name))
 
@@ -180,6 +180,19 @@ def converted(hf_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return output
 
 
+@contextlib.contextmanager
+def megatron_process():
+    """Megatron's parallel state for this process alone, for the parts of a test between tool runs
+    (the tools set up and tear down their own)."""
+    from megatron_prefpack.platform import distributed as dist_platform
+
+    dist_platform.initialize()
+    try:
+        yield
+    finally:
+        dist_platform.destroy()
+
+
 def _load_model(ckpt: Path, reward: bool = False) -> torch.nn.Module:
     """This process's model with ``ckpt``'s weights (Megatron's parallel state must exist)."""
     from megatron_prefpack.losses.reward import attach_reward_head
@@ -244,10 +257,10 @@ def _changed_checkpoint(converted: Path, target: Path, reward: bool) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("megatron_single_process")
 def test_export_after_training_gives_this_packages_logprobs_in_transformers(hf_source, converted, tmp_path):
-    _changed_checkpoint(converted, tmp_path / "trained", reward=False)
-    ours = packed_logprobs(_load_model(tmp_path / "trained"), axk1_shaped().vocab_size)
+    with megatron_process():
+        _changed_checkpoint(converted, tmp_path / "trained", reward=False)
+        ours = packed_logprobs(_load_model(tmp_path / "trained"), axk1_shaped().vocab_size)
     _export(tmp_path / "trained", tmp_path / "hf", "--hf-config", str(hf_source), "--dtype", "float32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert_close(ours, hf_logprobs(hf, axk1_shaped().vocab_size))
@@ -260,12 +273,19 @@ def test_export_after_training_gives_this_packages_logprobs_in_transformers(hf_s
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("megatron_single_process")
 def test_reward_model_exports_as_sequence_classification_with_equal_rewards(hf_source, converted, tmp_path):
     from megatron_prefpack.models.forward import model_forward
 
-    _changed_checkpoint(converted, tmp_path / "rm", reward=True)
-    model = _load_model(tmp_path / "rm", reward=True).eval()
+    groups = make_groups(seed=3, vocab_size=axk1_shaped().vocab_size)
+    with megatron_process():
+        _changed_checkpoint(converted, tmp_path / "rm", reward=True)
+        model = _load_model(tmp_path / "rm", reward=True).eval()
+        with torch.no_grad():
+            ours = {
+                (g.group_id, k): model_forward(model, single_batch(g, k))[0, -1, 0]
+                for g in groups
+                for k in range(len(g.responses))
+            }
     status, _, err = run_tool(
         "export_hf_checkpoint",
         ["--load", str(tmp_path / "rm"), "--output", str(tmp_path / "bad"), "--hf-config", str(hf_source)],
@@ -284,12 +304,9 @@ def test_reward_model_exports_as_sequence_classification_with_equal_rewards(hf_s
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == "AXK1ForSequenceClassification" and hf.config.pad_token_id == 0
     with torch.no_grad():
-        for group in make_groups(seed=3, vocab_size=axk1_shaped().vocab_size):
-            for k in range(len(group.responses)):
-                alone = single_batch(group, k)
-                ours = model_forward(model, alone)[0, -1, 0]
-                theirs = hf(input_ids=alone.tokens).logits[0, 0]
-                assert (ours - theirs).abs().item() <= 1e-5, (group.group_id, k)
+        for (gid, k), reward in ours.items():
+            theirs = hf(input_ids=single_batch(groups[gid], k).tokens).logits[0, 0]
+            assert (reward - theirs).abs().item() <= 1e-5, (gid, k)
 
 
 def _resave_under_tp2(converted: str, target: str) -> None:

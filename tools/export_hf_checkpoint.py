@@ -189,9 +189,9 @@ def plan_export(args: argparse.Namespace) -> Plan:
     arch, hf = _source_config(args, cfg) if args.hf_config else _generated_config(args, cfg)
     plan = Plan(arch, cfg, reward, hf)
     _final_config(args, plan)  # the reward fields' checks
-    if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
-        if not args.overwrite:
-            raise ExportError(f"{args.output}: exists and is not empty (give --overwrite to replace it)")
+    taken = args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir()))
+    if taken and not args.overwrite:
+        raise ExportError(f"{args.output}: exists and is not empty (give --overwrite to replace it)")
     if args.tokenizer is not None and not any((args.tokenizer / f).is_file() for f in TOKENIZER_FILES):
         raise ExportError(f"{args.tokenizer}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     return plan
@@ -228,13 +228,12 @@ def _partial(output: Path) -> Path:
 
 def _write_model_shards(args: argparse.Namespace, plan: Plan, model: torch.nn.Module, directory: Path):
     """This rank's share of the model's HF tensors into its own shard files."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_prefpack.models.config import torch_dtype
     from megatron_prefpack.models.hf import hf_tensors
     from megatron_prefpack.models.hf.safetensors_io import ShardWriter
-
-    import torch.distributed as dist
 
     writer = ShardWriter(directory, f"rank{dist.get_rank():05d}", int(args.max_shard_gb * 2**30))
     dtype = torch_dtype(args.dtype)
@@ -306,8 +305,8 @@ def _publish(
 def _export(args: argparse.Namespace, plan: Plan) -> int:
     import torch.distributed as dist
 
-    from megatron_prefpack.models.hf import ConversionError, SafetensorsCheckpoint
     from megatron_prefpack.models.config import torch_dtype
+    from megatron_prefpack.models.hf import ConversionError, SafetensorsCheckpoint
     from megatron_prefpack.training import checkpoint
 
     rank, start = dist.get_rank(), time.monotonic()
