@@ -194,25 +194,24 @@ def tokenize_record(
     """Tokenize one record into a group: shared prompt prefix and responses ending with EOS, by
     the rules of the module docstring. Chat records need ``template``. Raises
     :class:`InvalidRecord` when the record cannot be rendered or leaves no prompt token."""
-    prompt, sequences = _encode(record, tokenizer, template)
-    shared = _common_prefix_len([prompt, *sequences])
+    prompt_ids, full_ids = _encode(record, tokenizer, template)
+    prompt = np.asarray(prompt_ids, dtype=np.int32)
+    sequences = [np.asarray(ids, dtype=np.int32) for ids in full_ids]
+    shared = _common_prefix_len(prompt, sequences)
     if shared == 0:
         reason = (
             "encodes to no tokens"
-            if not prompt
+            if not len(prompt)
             else "its first token merges with the start of a response and the tokenizer adds no BOS, "
             "so no prompt token is left"
         )
         raise InvalidRecord(
-            record.path, record.line, "prompt", reason, "empty_field" if not prompt else "no_prompt_boundary"
+            record.path, record.line, "prompt", reason, "no_prompt_boundary" if len(prompt) else "empty_field"
         )
     return TokenizedGroup(
         group_id=group_id,
-        prompt=np.asarray(sequences[0][:shared], dtype=np.int32),
-        responses=[
-            np.asarray(_with_eos(s[shared:], tokenizer.eos_id, record.is_chat), dtype=np.int32)
-            for s in sequences
-        ],
+        prompt=sequences[0][:shared],
+        responses=[_with_eos(s[shared:], tokenizer.eos_id, record.is_chat) for s in sequences],
         kind=record.kind,
         scores=None if record.scores is None else list(record.scores),
         margin=record.margin,
@@ -235,18 +234,19 @@ def _encode(
     ]
 
 
-def _common_prefix_len(sequences: list[list[int]]) -> int:
-    shortest = min(len(s) for s in sequences)
-    first = sequences[0]
-    for i in range(shortest):
-        if any(s[i] != first[i] for s in sequences[1:]):
-            return i
-    return shortest
+def _common_prefix_len(prompt: np.ndarray, sequences: list[np.ndarray]) -> int:
+    """Length of the longest common prefix of ``prompt`` and every sequence."""
+    shared = len(prompt)
+    for s in sequences:
+        n = min(shared, len(s))
+        differ = np.flatnonzero(prompt[:n] != s[:n])
+        shared = int(differ[0]) if len(differ) else n
+    return shared
 
 
-def _with_eos(response: list[int], eos_id: int, chat: bool) -> list[int]:
-    ends = eos_id in response if chat else response[-1:] == [eos_id]
-    return response if ends else [*response, eos_id]
+def _with_eos(response: np.ndarray, eos_id: int, chat: bool) -> np.ndarray:
+    ends = (response == eos_id).any() if chat else len(response) > 0 and response[-1] == eos_id
+    return response if ends else np.append(response, np.int32(eos_id))
 
 
 def _rendered(record: Record, tokenizer: Tokenizer, template: ChatTemplate | None) -> tuple[str, list[str]]:
