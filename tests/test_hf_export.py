@@ -28,7 +28,8 @@ import torch
 
 from megatron_prefpack.models.config import ModelConfig
 from megatron_prefpack.models.presets import preset
-from tests.test_model_equivalence import make_batch, make_groups, response_token_logprobs, single_batch
+from tests.hf_checks import assert_close, hf_logprobs, packed_logprobs, randomize, read_tensors
+from tests.test_model_equivalence import make_groups, single_batch
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "AXK1ForCausalLM"):
@@ -84,52 +85,6 @@ def axk1_config(cfg: ModelConfig):
     )
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every weight random (norms around 1), the routing correction bias included."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-                noise = torch.randn(tensor.shape, generator=generator)
-                tensor.copy_(noise * (0.5 if "norm" in name else 0.1) + ("norm" in name))
-
-
-def hf_logprobs(model: torch.nn.Module, vocab_size: int) -> dict:
-    """Each response's per-token log-probs with prompt + response run alone through HF."""
-    expected = {}
-    with torch.no_grad():
-        for group in make_groups(seed=3, vocab_size=vocab_size):
-            for k in range(len(group.responses)):
-                alone = single_batch(group, k)
-                logits = model(input_ids=alone.tokens).logits
-                expected[(group.group_id, k)] = response_token_logprobs(logits, alone)[(group.group_id, k)]
-    return expected
-
-
-def packed_logprobs(model: torch.nn.Module, vocab_size: int) -> dict:
-    from megatron_prefpack.models.forward import model_forward
-
-    batch = make_batch(make_groups(seed=3, vocab_size=vocab_size), "packed")
-    with torch.no_grad():
-        return response_token_logprobs(model_forward(model.eval(), batch), batch)
-
-
-def assert_close(packed: dict, expected: dict, tol: float = 1e-5) -> None:
-    assert packed.keys() == expected.keys()
-    for key, reference in expected.items():
-        diff = (packed[key] - reference).abs().max().item()
-        assert diff <= tol, f"response {key}: max |diff| {diff:.3g}"
-
-
-def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
-
-
 @pytest.fixture(scope="module")
 def hf_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random AXK1ForCausalLM saved with save_pretrained, plus an MTP layer's tensors in a
@@ -138,7 +93,7 @@ def hf_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     cfg = axk1_shaped()
     hf = transformers.AXK1ForCausalLM(axk1_config(cfg)).eval()
-    _randomize(hf, seed=0)
+    randomize(hf, seed=0)
     directory = tmp_path_factory.mktemp("axk1")
     hf.save_pretrained(directory)
     mtp = {f"model.layers.{cfg.num_layers}.{n}": torch.randn(4, cfg.hidden_size) for n in MTP_TENSORS}
@@ -250,7 +205,7 @@ def _changed_checkpoint(converted: Path, target: Path, reward: bool) -> None:
     from megatron_prefpack.training import checkpoint
 
     model = _load_model(converted, reward=reward)
-    _randomize(model, seed=7)
+    randomize(model, seed=7)
     state = checkpoint.read_state(converted)
     state = dataclasses.replace(state, objective="rm" if reward else "lm", world_size=1)
     checkpoint.save(target, state, [model], None, keep=0)

@@ -13,15 +13,16 @@ from typing import Any
 
 from megatron_prefpack.data.json_files import read_json_object
 from megatron_prefpack.models.config import ModelConfig
-from megatron_prefpack.models.hf import axk1, deepseek_v3
+from megatron_prefpack.models.hf import axk1, deepseek_v3, llama, qwen3, qwen3_moe
 from megatron_prefpack.models.hf.fields import ConversionError
 from megatron_prefpack.models.hf.mapping import Architecture
 from megatron_prefpack.models.hf.safetensors_io import SafetensorsCheckpoint
 from megatron_prefpack.models.hf.transfer import fill_model, hf_tensors
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.model_type: a for a in (deepseek_v3.ARCHITECTURE, axk1.ARCHITECTURE)
+    m.ARCHITECTURE.model_type: m.ARCHITECTURE for m in (deepseek_v3, axk1, llama, qwen3, qwen3_moe)
 }
+"""In the order an export without a source config tries them."""
 
 CONFIG_FILE = "config.json"
 
@@ -78,12 +79,12 @@ def read_model_config(directory: str | Path) -> tuple[Architecture, ModelConfig]
 
 
 _NOT_ARCHITECTURE = ("name", "params_dtype", "attention_backend", "init_method_std")
-_NOT_ARCHITECTURE_MOE = ("expert_bias_update_rate", "aux_loss_coeff")
+_NOT_ARCHITECTURE_MOE = ("expert_bias_update_rate", "aux_loss_coeff", "first_k_dense", "dense_layers")
 
 
 def _architecture_fields(cfg: ModelConfig) -> dict[str, Any]:
     """``cfg`` flattened to dotted keys, without the fields that do not change the weights'
-    meaning (training and runtime settings)."""
+    meaning (training and runtime settings); dense/MoE layer placement as one pattern."""
     flat: dict[str, Any] = {}
 
     def walk(value: Any, prefix: str) -> None:
@@ -99,6 +100,8 @@ def _architecture_fields(cfg: ModelConfig) -> dict[str, Any]:
     for key in _NOT_ARCHITECTURE_MOE:
         (data.get("moe") or {}).pop(key, None)
     walk(data, "")
+    if cfg.moe is not None:
+        flat["moe.layer_pattern"] = cfg.moe_layer_pattern()
     return flat
 
 

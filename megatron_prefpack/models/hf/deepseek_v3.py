@@ -55,12 +55,12 @@ def _yarn(rope: Mapping[str, Any]) -> YarnConfig:
     )
 
 
-def first_k_dense(types: list[str]) -> int:
-    """The number of leading dense layers of a dense-then-sparse ``mlp_layer_types``."""
+def _dense_placement(types: list[str]) -> dict[str, Any]:
+    """``first_k_dense`` for dense-then-sparse ``mlp_layer_types``, else ``dense_layers``."""
     count = types.count("dense")
-    if types != ["dense"] * count + ["sparse"] * (len(types) - count):
-        raise ConversionError(f"mlp_layer_types={types}: only dense layers first, then MoE layers, convert")
-    return count
+    if types == ["dense"] * count + ["sparse"] * (len(types) - count):
+        return {"first_k_dense": count}
+    return {"dense_layers": [i for i, t in enumerate(types) if t == "dense"]}
 
 
 def model_config(hf: Mapping[str, Any], *, post_moe_norm: bool = False) -> ModelConfig:
@@ -128,7 +128,7 @@ def model_config(hf: Mapping[str, Any], *, post_moe_norm: bool = False) -> Model
             topk_groups=topk_groups,
             expert_bias=True,
             routing_scaling_factor=field(hf, "routed_scaling_factor", float, 1.0),
-            first_k_dense=first_k_dense(mlp_layer_types(hf, num_layers)),
+            **_dense_placement(mlp_layer_types(hf, num_layers)),
             post_moe_norm=post_moe_norm,
         ),
     )
@@ -173,7 +173,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "n_group": moe.num_groups,
         "topk_group": moe.topk_groups,
         "num_experts_per_tok": moe.top_k,
-        "first_k_dense_replace": moe.first_k_dense,
+        "first_k_dense_replace": [*cfg.moe_layer_pattern(), 1].index(1),
         "norm_topk_prob": True,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings,
