@@ -34,7 +34,16 @@ def model_config(name: str) -> ModelConfig:
     return preset(name)
 
 
-MODEL_NAMES = ("tiny-dense", "tiny-dense-learned", "tiny-moe", "tiny-mla-moe")
+MODEL_NAMES = (
+    "tiny-dense",
+    "tiny-dense-learned",
+    "tiny-moe",
+    "tiny-mla-moe",
+    "tiny-llama3",
+    "tiny-qwen3",
+    "tiny-qwen3-moe",
+    "tiny-glm4-moe",
+)
 
 
 def make_groups(seed: int, vocab_size: int, num_groups: int = 5) -> list[TokenizedGroup]:

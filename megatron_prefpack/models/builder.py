@@ -165,7 +165,9 @@ def build_model(
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type=_GPT_POSITION_EMBEDDING[cfg.position_embedding],
         rotary_percent=cfg.rotary_percent,
-        rotary_base=int(cfg.rotary_base),
+        # Not int(): transformers computes the frequencies from the float rope_theta.
+        rotary_base=cfg.rotary_base,
+        llama3_rope=cfg.llama3_rope,
         vp_stage=vp_stage,
     )
     if torch.cuda.is_available():

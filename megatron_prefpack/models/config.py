@@ -80,8 +80,17 @@ class MoEConfig:
     routing_scaling_factor: float | None = None
     aux_loss_coeff: float = 0.0
     first_k_dense: int = 0
+    dense_layers: list[int] | None = None
+    """0-based indices of the layers with a dense MLP (Qwen3-MoE ``mlp_only_layers`` /
+    ``decoder_sparse_step``, A.X K1 ``mlp_layer_types``); None = the first ``first_k_dense``."""
     post_moe_norm: bool = False
     """A.X K1: an extra RMSNorm on the MoE block's output (routed + shared), before the residual add."""
+    normalize_topk: bool = True
+    """``router="softmax"``: True = the top-k probabilities are renormalised to sum to 1
+    (Qwen3-MoE ``norm_topk_prob: true``, Mixtral; Megatron's softmax over the top-k logits);
+    False = softmax over all experts, top-k kept as they are (``norm_topk_prob: false``,
+    Qwen2-MoE; Megatron's ``moe_router_pre_softmax``). ``"sigmoid_grouped"`` always
+    renormalises (Megatron has no other mode), so it needs True."""
 
     def validate(self) -> None:
         """Raise :class:`ModelConfigError` naming the offending ``moe.`` field."""
@@ -120,6 +129,33 @@ class MoEConfig:
         if self.expert_bias and self.router != "sigmoid_grouped":
             raise ModelConfigError(
                 "moe.expert_bias", "aux-loss-free expert bias needs router 'sigmoid_grouped'"
+            )
+        self._check_normalization()
+        if self.dense_layers is not None:
+            if self.first_k_dense:
+                raise ModelConfigError(
+                    "moe.dense_layers", "set either moe.dense_layers or moe.first_k_dense, not both"
+                )
+            if not isinstance(self.dense_layers, list) or not all(type(i) is int for i in self.dense_layers):
+                raise ModelConfigError(
+                    "moe.dense_layers", f"must be a list of layer indices, got {self.dense_layers!r}"
+                )
+            if len(set(self.dense_layers)) != len(self.dense_layers):
+                raise ModelConfigError("moe.dense_layers", f"repeats a layer: {self.dense_layers}")
+
+    def _check_normalization(self) -> None:
+        """Megatron renormalises the top-k weights in exactly these cases; refuse the others
+        rather than route with different weights than the checkpoint's model."""
+        if self.router == "sigmoid_grouped" and not self.normalize_topk:
+            raise ModelConfigError(
+                "moe.normalize_topk", "router 'sigmoid_grouped' always renormalises the top-k (needs true)"
+            )
+        if self.top_k == 1 and self.normalize_topk:
+            # Megatron keeps the single expert's softmax/sigmoid score; a renormalised top-1 is 1.0.
+            raise ModelConfigError(
+                "moe.normalize_topk",
+                "top_k=1 with renormalised weights (always 1.0) is not expressible in Megatron's "
+                "router; set normalize_topk: false (the expert's probability) if that is the model",
             )
 
 
@@ -161,13 +197,47 @@ class YarnConfig:
 
 
 @dataclass
+class Llama3RopeConfig:
+    """Llama-3.1+ RoPE frequency scaling (transformers ``rope_type: llama3``): wavelengths
+    longer than ``original_max_position_embeddings / low_freq_factor`` are divided by ``factor``,
+    those shorter than ``original_max_position_embeddings / high_freq_factor`` are kept, and the
+    ones between are interpolated smoothly."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def validate(self) -> None:
+        """Raise :class:`ModelConfigError` naming the offending ``llama3_rope.`` field."""
+        _check_numbers(
+            self,
+            "llama3_rope.",
+            at_least_one=("original_max_position_embeddings",),
+            positive=("factor", "low_freq_factor", "high_freq_factor"),
+        )
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ModelConfigError(
+                "llama3_rope.high_freq_factor",
+                f"{self.high_freq_factor} must be > low_freq_factor={self.low_freq_factor}",
+            )
+
+
+@dataclass
 class ModelConfig:
     """Architecture of a GPT-style decoder (dense, MoE, MLA).
 
     ``position_embedding``: ``"rope"`` (standard or MLA RoPE), ``"yarn"`` (MLA only) or
     ``"learned"`` (absolute embeddings). RoPE always follows the batch's position ids
-    (see :mod:`megatron_prefpack.models.rope`). ``attention_backend`` names the
-    prefix-shared attention backend (see ``megatron_prefpack.attention``).
+    (see :mod:`megatron_prefpack.models.rope`); ``rotary_percent < 1`` rotates the first
+    ``rotary_percent * head_dim`` channels of each head with rotate-half pairing (GLM-4.5's
+    ``partial_rotary_factor``) and passes the rest through; ``llama3_rope`` scales its
+    frequencies as Llama 3.1+. ``attention_backend`` names the prefix-shared attention backend
+    (see ``megatron_prefpack.attention``).
+
+    Standard attention only: ``qk_layernorm`` is an RMSNorm (eps ``norm_epsilon``) over each
+    query and key head before RoPE (Qwen3); ``attention_bias`` is a bias on the Q, K and V
+    projections, not the output projection (Qwen2, GLM-4.5).
     """
 
     num_layers: int
@@ -182,9 +252,12 @@ class ModelConfig:
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
     yarn: YarnConfig | None = None
+    llama3_rope: Llama3RopeConfig | None = None
     norm_epsilon: float = 1e-6
     swiglu: bool = True
     tie_embeddings: bool = False
+    qk_layernorm: bool = False
+    attention_bias: bool = False
     moe: MoEConfig | None = None
     mla: MLAConfig | None = None
     attention_backend: str = "auto"
@@ -211,12 +284,34 @@ class ModelConfig:
             raise ModelConfigError(
                 "num_query_groups", f"{groups} does not divide num_attention_heads={self.num_attention_heads}"
             )
-        for section in (self.moe, self.mla, self.yarn):
+        for section in (self.moe, self.mla, self.yarn, self.llama3_rope):
             if section is not None:
                 section.validate()
-        if self.moe is not None and self.moe.first_k_dense > self.num_layers:
+        self._check_attention_features()
+        if self.moe is not None:
+            self._check_moe_placement()
+
+    def _check_attention_features(self) -> None:
+        if self.llama3_rope is not None and (self.position_embedding != "rope" or self.mla is not None):
+            raise ModelConfigError(
+                "llama3_rope", "needs position_embedding 'rope' with standard attention (no mla)"
+            )
+        if self.mla is None:
+            return
+        # MLA always normalises its compressed q and kv and has no Q/K/V projection bias.
+        for name in ("qk_layernorm", "attention_bias"):
+            if getattr(self, name):
+                raise ModelConfigError(name, "is for standard attention; MLA does not support it")
+
+    def _check_moe_placement(self) -> None:
+        if self.moe.first_k_dense > self.num_layers:
             raise ModelConfigError(
                 "moe.first_k_dense", f"{self.moe.first_k_dense} > num_layers={self.num_layers}"
+            )
+        outside = [i for i in self.moe.dense_layers or () if not 0 <= i < self.num_layers]
+        if outside:
+            raise ModelConfigError(
+                "moe.dense_layers", f"layer {outside[0]} is not in [0, num_layers={self.num_layers})"
             )
 
     def _check_sizes(self) -> None:
@@ -237,6 +332,16 @@ class ModelConfig:
         )
         if not 0 < self.rotary_percent <= 1:
             raise ModelConfigError("rotary_percent", f"must be in (0, 1], got {self.rotary_percent}")
+        if self.rotary_percent < 1 and self.mla is None:
+            # Megatron and transformers both truncate head_dim * percent; refuse rather than truncate.
+            head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
+            rotary_dim = head_dim * self.rotary_percent
+            if rotary_dim != int(rotary_dim) or int(rotary_dim) % 2:
+                raise ModelConfigError(
+                    "rotary_percent",
+                    f"{self.rotary_percent} of head_dim={head_dim} is {rotary_dim:g} channels; "
+                    "must be an even whole number",
+                )
         # Megatron derives the head size as hidden_size // num_attention_heads when it is not given.
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ModelConfigError(
@@ -253,7 +358,10 @@ class ModelConfig:
         """Per layer 1 (MoE) or 0 (dense), as Megatron's ``moe_layer_freq`` list."""
         if self.moe is None:
             return [0] * self.num_layers
-        return [0 if i < self.moe.first_k_dense else 1 for i in range(self.num_layers)]
+        dense = self.moe.dense_layers
+        if dense is None:
+            dense = range(self.moe.first_k_dense)
+        return [0 if i in dense else 1 for i in range(self.num_layers)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -262,7 +370,7 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> ModelConfig:
         """Build from a plain mapping (e.g. a YAML section) and validate it. Raises
         :class:`ModelConfigError` with ``key`` = ``where.field`` (unknown, missing or bad)."""
-        nested = {"moe": MoEConfig, "mla": MLAConfig, "yarn": YarnConfig}
+        nested = {"moe": MoEConfig, "mla": MLAConfig, "yarn": YarnConfig, "llama3_rope": Llama3RopeConfig}
         kwargs = _checked_kwargs(cls, data, where)
         for key, sub in nested.items():
             if isinstance(kwargs.get(key), dict):
@@ -336,7 +444,9 @@ def to_transformer_config(
         kv_channels=cfg.kv_channels,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_epsilon,
+        qk_layernorm=cfg.qk_layernorm,
         add_bias_linear=False,
+        add_qkv_bias=cfg.attention_bias,
         gated_linear_unit=cfg.swiglu,
         activation_func=F.silu if cfg.swiglu else F.gelu,
         hidden_dropout=0.0,
@@ -373,6 +483,8 @@ def to_transformer_config(
             moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
             moe_layer_freq=cfg.moe_layer_pattern(),
             moe_router_score_function="sigmoid" if moe.router == "sigmoid_grouped" else "softmax",
+            # Softmax after top-k = renormalised top-k; before = unnormalised (sigmoid ignores it).
+            moe_router_pre_softmax=moe.router == "softmax" and not moe.normalize_topk,
             moe_router_num_groups=moe.num_groups if moe.router == "sigmoid_grouped" else None,
             moe_router_group_topk=moe.topk_groups if moe.router == "sigmoid_grouped" else None,
             moe_router_enable_expert_bias=moe.expert_bias,

@@ -1,6 +1,8 @@
 """Named model shapes, from test-sized models to A.X K1.
 
-``tiny-*`` presets are for CPU tests (fp32, a few thousand parameters); ``demo-moe`` is the CPU
+``tiny-*`` presets are for CPU tests (fp32, a few thousand parameters; ``tiny-llama3``,
+``tiny-qwen3``, ``tiny-qwen3-moe`` and ``tiny-glm4-moe`` are those Hugging Face architectures in
+miniature, each with the features its family needs); ``demo-moe`` is the CPU
 demo model (a few M parameters); ``ax-k1`` and ``deepseek-v3`` are the real shapes (bf16).
 Multi-token prediction (one MTP layer in both real models) is not built by this project.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from megatron_prefpack.models.config import MLAConfig, ModelConfig, MoEConfig, YarnConfig
+from megatron_prefpack.models.config import Llama3RopeConfig, MLAConfig, ModelConfig, MoEConfig, YarnConfig
 
 
 def _tiny_dense() -> ModelConfig:
@@ -65,6 +67,70 @@ def _tiny_mla_moe() -> ModelConfig:
             routing_scaling_factor=2.5,
             first_k_dense=1,
             post_moe_norm=True,
+        ),
+    )
+
+
+def _tiny_llama3() -> ModelConfig:
+    """Llama 3.1+: GQA and llama3-scaled RoPE. The scaling's wavelength bands (16 and 64 tokens
+    at head_dim 8) put one frequency in each branch: kept, interpolated, divided."""
+    return replace(
+        _tiny_dense(),
+        rotary_base=10000.0,
+        llama3_rope=Llama3RopeConfig(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+        ),
+    )
+
+
+def _tiny_qwen3() -> ModelConfig:
+    """Qwen3 (dense): per-head q/k RMSNorm, tied embeddings (as the small Qwen3 models)."""
+    return replace(_tiny_dense(), qk_layernorm=True, tie_embeddings=True, rotary_base=1000000.0)
+
+
+def _tiny_qwen3_moe() -> ModelConfig:
+    """Qwen3-MoE: q/k norm, softmax top-k renormalised, no shared expert, one dense layer
+    placed by index (``mlp_only_layers``)."""
+    return ModelConfig(
+        num_layers=3,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=16,  # Qwen3 decouples head_dim from hidden_size / heads
+        vocab_size=96,
+        max_position_embeddings=128,
+        rotary_base=1000000.0,
+        qk_layernorm=True,
+        moe=MoEConfig(num_experts=8, top_k=2, expert_ffn_hidden_size=16, dense_layers=[1]),
+    )
+
+
+def _tiny_glm4_moe() -> ModelConfig:
+    """GLM-4.5: partial rotary (half of each head), Q/K/V bias, sigmoid grouped routing with
+    expert bias, shared expert, dense first layer."""
+    return ModelConfig(
+        num_layers=3,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=16,
+        vocab_size=96,
+        max_position_embeddings=128,
+        rotary_percent=0.5,
+        attention_bias=True,
+        moe=MoEConfig(
+            num_experts=8,
+            top_k=2,
+            expert_ffn_hidden_size=16,
+            shared_expert_ffn_hidden_size=16,
+            router="sigmoid_grouped",
+            num_groups=2,
+            topk_groups=1,
+            expert_bias=True,
+            routing_scaling_factor=2.5,
+            first_k_dense=1,
         ),
     )
 
@@ -143,6 +209,10 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny-dense": _tiny_dense,
     "tiny-moe": _tiny_moe,
     "tiny-mla-moe": _tiny_mla_moe,
+    "tiny-llama3": _tiny_llama3,
+    "tiny-qwen3": _tiny_qwen3,
+    "tiny-qwen3-moe": _tiny_qwen3_moe,
+    "tiny-glm4-moe": _tiny_glm4_moe,
     "demo-moe": _demo_moe,
     "ax-k1": _ax_k1,
     "deepseek-v3": _deepseek_v3,

@@ -28,6 +28,13 @@ Two plugs use it, neither forks Megatron code:
 
 Context parallelism: positions are those of the tokens this rank holds; the table is never
 sliced by CP rank (Megatron's CP slicing assumes 0..S-1 load-balanced chunks).
+
+Llama-3.1+ frequency scaling (:func:`apply_llama3_scaling`) rescales the wrapped module's inverse
+frequencies once, at build time, with Megatron's own Llama-3 rule given all four parameters
+(``GPTModel`` only passes ``factor`` and keeps the other three at Llama 3.1's values).
+Partial rotary (``rotary_percent < 1``) is Megatron's: the first ``rotary_percent * head_dim``
+channels of each head are rotated (rotate-half pairing), the rest pass through, which is what
+transformers' GLM-4.5 (``Glm4Moe``) does.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from torch import Tensor
+
+from megatron_prefpack.models.config import Llama3RopeConfig
 
 
 class PositionFollowingRotary(torch.nn.Module):
@@ -100,18 +109,41 @@ def _describe(t: Tensor | None) -> str:
     return "None" if t is None else f"shape {tuple(t.shape)}"
 
 
+def apply_llama3_scaling(rotary: RotaryEmbedding, llama3: Llama3RopeConfig) -> None:
+    """Rescale ``rotary.inv_freq`` in place as transformers' ``rope_type: llama3`` does.
+
+    Must run before the module's first call (Megatron caches the tables it computes)."""
+    rotary.inv_freq = rotary._apply_scaling(
+        rotary.inv_freq,
+        factor=llama3.factor,
+        low_freq_factor=llama3.low_freq_factor,
+        high_freq_factor=llama3.high_freq_factor,
+        original_max_position_embeddings=llama3.original_max_position_embeddings,
+    )
+
+
 class PositionFollowingGPTModel(GPTModel):
     """``GPTModel`` whose RoPE follows ``position_ids`` (standard attention; MLA does its own).
+
+    Extra constructor argument ``llama3_rope``: Llama-3.1+ frequency scaling of the RoPE
+    (:func:`apply_llama3_scaling`); needs ``position_embedding_type="rope"``.
 
     Also scatters ``padding_mask`` to sequence-parallel shards on pipeline stages other than the
     first: Megatron does this only where the embedding runs, so MoE layers on later stages would
     otherwise get a ``(B, S)`` mask for ``S / TP`` tokens.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, llama3_rope: Llama3RopeConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if isinstance(getattr(self, "rotary_pos_emb", None), RotaryEmbedding):
-            self.rotary_pos_emb = PositionFollowingRotary(self.rotary_pos_emb, self.max_sequence_length)
+        rotary = getattr(self, "rotary_pos_emb", None)
+        if llama3_rope is not None:
+            if not isinstance(rotary, RotaryEmbedding):
+                raise ValueError(
+                    "llama3_rope needs RoPE (position_embedding_type='rope', standard attention)"
+                )
+            apply_llama3_scaling(rotary, llama3_rope)
+        if isinstance(rotary, RotaryEmbedding):
+            self.rotary_pos_emb = PositionFollowingRotary(rotary, self.max_sequence_length)
 
     def _preprocess(self, input_ids: Tensor, position_ids: Tensor, *args: Any, **kwargs: Any):
         padding_mask = kwargs.get("padding_mask")
