@@ -1,5 +1,6 @@
-"""Llama (``llama3`` RoPE), Qwen3 (q/k norms, tied embeddings) and Qwen3-MoE (``norm_topk_prob``
-true and false, a dense layer from ``mlp_only_layers``) against transformers.
+"""Llama (``llama3`` RoPE), Qwen3 (q/k norms, tied embeddings), Qwen3-MoE (``norm_topk_prob``
+true and false, a dense layer from ``mlp_only_layers``) and GLM-4.5 (Q/K/V bias, half-rotary
+RoPE, q/k norms, grouped sigmoid routing with correction bias) against transformers.
 
 Each tiny random model is saved with ``save_pretrained``; its ``config.json`` must read as the
 expected :class:`ModelConfig` and its generated ``config.json`` back; its weights are imported
@@ -57,6 +58,20 @@ MODELS = {
         moe_intermediate_size=16,
         norm_topk_prob=False,
     ),
+    "glm4_moe": lambda: transformers.Glm4MoeConfig(
+        **COMMON,
+        head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        attention_bias=True,
+        use_qk_norm=True,
+        n_routed_experts=8,
+        num_experts_per_tok=4,
+        moe_intermediate_size=16,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+    ),
 }
 
 
@@ -86,6 +101,7 @@ def test_import_is_exact_and_export_gives_the_same_tensors(hf_model) -> None:
     hf_json = json.loads((directory / "config.json").read_text())
     assert arch.model_type == hf_json["model_type"]
     assert cfg.qk_layernorm == (arch.model_type != "llama")
+    assert cfg.attention_bias == (arch.model_type == "glm4_moe")
     generated_hf_config(arch, cfg)  # reads back as the same model
     model = build_model(cfg)
     source = SafetensorsCheckpoint(directory)

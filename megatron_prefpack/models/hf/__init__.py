@@ -13,14 +13,14 @@ from typing import Any
 
 from megatron_prefpack.data.json_files import read_json_object
 from megatron_prefpack.models.config import ModelConfig
-from megatron_prefpack.models.hf import axk1, deepseek_v3, llama, qwen3, qwen3_moe
+from megatron_prefpack.models.hf import axk1, deepseek_v3, glm4_moe, llama, qwen3, qwen3_moe
 from megatron_prefpack.models.hf.fields import ConversionError
 from megatron_prefpack.models.hf.mapping import Architecture
 from megatron_prefpack.models.hf.safetensors_io import SafetensorsCheckpoint
 from megatron_prefpack.models.hf.transfer import fill_model, hf_tensors
 
 ARCHITECTURES: dict[str, Architecture] = {
-    m.ARCHITECTURE.model_type: m.ARCHITECTURE for m in (deepseek_v3, axk1, llama, qwen3, qwen3_moe)
+    m.ARCHITECTURE.model_type: m.ARCHITECTURE for m in (deepseek_v3, axk1, llama, qwen3, qwen3_moe, glm4_moe)
 }
 """In the order an export without a source config tries them."""
 

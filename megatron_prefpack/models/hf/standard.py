@@ -1,11 +1,12 @@
 """``config.json`` <-> :class:`ModelConfig` for the standard-attention decoders (Llama, Qwen3,
-Qwen3-MoE): grouped-query attention with rotate-half RoPE (default or ``llama3`` scaling),
-SwiGLU MLPs, RMSNorm, optionally tied embeddings.
+Qwen3-MoE, GLM-4.5): grouped-query attention with rotate-half RoPE (default or ``llama3``
+scaling), SwiGLU MLPs, RMSNorm, optionally tied embeddings.
 
-Refused because Megatron would compute them differently or not at all: biases on the attention
-or MLP projections (these architectures put them on ``o_proj`` too, Megatron's
-``attention_bias`` covers Q/K/V only), another activation, sliding-window attention, other RoPE
-scalings, ``pretraining_tp`` > 1.
+``glm_attention``: GLM-4.5's variant, whose ``attention_bias`` covers Q/K/V only (Megatron's
+``attention_bias``) and whose RoPE may rotate part of each head (``partial_rotary_factor`` ->
+``rotary_percent``). Elsewhere ``attention_bias`` also biases ``o_proj`` and is refused.
+Refused too because Megatron would compute them differently or not at all: MLP biases, another
+activation, sliding-window attention, other RoPE scalings, ``pretraining_tp`` > 1.
 """
 
 from __future__ import annotations
@@ -29,14 +30,18 @@ def _llama3(rope: Mapping[str, Any]) -> Llama3RopeConfig:
     )
 
 
-def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+def model_fields(hf: Mapping[str, Any], glm_attention: bool = False) -> dict[str, Any]:
     """The :class:`ModelConfig` keyword arguments every standard-attention model has."""
 
     def need(key: str, default: Any = REQUIRED) -> int:
         return field(hf, key, int, default)
 
     expect(hf, "hidden_act", "silu", "only SwiGLU (silu) MLPs convert")
-    expect(hf, "attention_bias", False, "the output projection's bias has no Megatron counterpart")
+    extra: dict[str, Any] = {}
+    if glm_attention:
+        extra["attention_bias"] = field(hf, "attention_bias", bool, False)
+    else:
+        expect(hf, "attention_bias", False, "the output projection's bias has no Megatron counterpart")
     expect(hf, "mlp_bias", False, "MLP biases have no Megatron counterpart")
     expect(hf, "use_sliding_window", False, "sliding-window attention is not supported")
     expect(hf, "pretraining_tp", 1, "only pretraining_tp 1 (exact matmuls) converts")
@@ -46,8 +51,12 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     rope = rope_parameters(hf)
     if rope["rope_type"] not in ("default", "llama3"):
         raise ConversionError(f"rope type {rope['rope_type']!r}; 'default' or 'llama3' only")
+    if glm_attention:
+        partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        extra["rotary_percent"] = field({"partial_rotary_factor": partial}, "partial_rotary_factor", float)
     heads = need("num_attention_heads")
     return dict(
+        **extra,
         num_layers=need("num_hidden_layers"),
         hidden_size=need("hidden_size"),
         ffn_hidden_size=need("intermediate_size"),
@@ -63,16 +72,17 @@ def model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def config_fields(cfg: Any, model_type: str, class_prefix: str) -> dict[str, Any]:
+def config_fields(
+    cfg: Any, model_type: str, class_prefix: str, glm_attention: bool = False
+) -> dict[str, Any]:
     """The ``config.json`` fields :func:`model_fields` reads, for ``cfg``."""
-    if (
-        cfg.mla is not None
-        or cfg.attention_bias
-        or cfg.rotary_percent != 1
-        or cfg.position_embedding != "rope"
-    ):
-        raise ConversionError(f"{model_type} has standard full-rotary attention without Q/K/V bias")
+    if cfg.mla is not None or cfg.position_embedding != "rope":
+        raise ConversionError(f"{model_type} has standard attention with RoPE")
+    if not glm_attention and (cfg.attention_bias or cfg.rotary_percent != 1):
+        raise ConversionError(f"{model_type} has full-rotary attention without Q/K/V bias")
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+    if glm_attention:
+        rope["partial_rotary_factor"] = cfg.rotary_percent
     if cfg.llama3_rope is not None:
         r = cfg.llama3_rope
         rope.update(
@@ -97,5 +107,5 @@ def config_fields(cfg: Any, model_type: str, class_prefix: str) -> dict[str, Any
         "rms_norm_eps": cfg.norm_epsilon,
         "tie_word_embeddings": cfg.tie_embeddings,
         "rope_parameters": rope,
-        "attention_bias": False,
+        "attention_bias": cfg.attention_bias,
     }
