@@ -343,3 +343,64 @@ def test_export_refuses_a_non_empty_output_and_another_models_config(hf_source, 
     )
     assert "num_layers: 3 != 4" in err and "moe.routing_scaling_factor: 2.5 != 1.0" in err, err
     assert not (tmp_path / "out").exists() and "Traceback" not in err
+
+
+def test_a_missing_correction_bias_is_zero_filled_as_transformers_does(hf_source, tmp_path) -> None:
+    """The released A.X K1 checkpoints have no ``e_score_correction_bias``; transformers loads
+    zeros and so does the importer, saying so. DeepSeek-V3 (where transformers reports the tensor
+    as missing) refuses."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_prefpack.models.hf import ARCHITECTURES, ConversionError, SafetensorsCheckpoint, fill_model
+
+    copy = tmp_path / "nobias"
+    shutil.copytree(hf_source, copy)
+    tensors = load_file(copy / "model.safetensors")
+    dropped = [n for n in tensors if n.endswith("e_score_correction_bias")]
+    save_file({n: t for n, t in tensors.items() if n not in dropped}, copy / "model.safetensors")
+    status, out, err = run_tool(
+        "convert_hf_checkpoint",
+        ["--hf-dir", str(copy), "--output", str(tmp_path / "out"), "--dtype", "float32"],
+    )
+    assert status == 0, out + err
+    assert (
+        f"{len(dropped)} tensors absent from the checkpoint, filled with zeros as transformers does for axk1"
+        in out
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(copy)
+    assert all(not layer.mlp.gate.e_score_correction_bias.any() for layer in hf.model.layers[1:])
+
+    with megatron_process():
+        from megatron_prefpack.models.builder import build_model
+
+        cfg = axk1_shaped()
+        with pytest.raises(
+            ConversionError,
+            match=r"no entry for tensor 'model\.layers\.1\.mlp\.gate\.e_score_correction_bias'",
+        ):
+            fill_model(build_model(cfg), ARCHITECTURES["deepseek_v3"], cfg, SafetensorsCheckpoint(copy))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"rms_norm_eps": 1e-5},
+            "rms_norm_eps=1e-05: transformers normalises MLA's q_a/kv_a latents with eps 1e-6",
+        ),
+        ({"mlp_layer_types": ["dense", "sparse"]}, "field 'mlp_layer_types': expected 3 entries"),
+        ({"q_lora_rank": None}, "missing field 'q_lora_rank'"),
+        ({"model_type": "gpt2"}, "model_type='gpt2': not one of"),
+    ],
+)
+def test_a_config_the_import_cannot_translate_exactly_is_refused(
+    hf_source, tmp_path, change, message
+) -> None:
+    copy = tmp_path / "hf"
+    shutil.copytree(hf_source, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, **change}))
+    status, _, err = run_tool(
+        "convert_hf_checkpoint", ["--hf-dir", str(copy), "--output", str(tmp_path / "out")]
+    )
+    assert status == 2 and f"convert_hf_checkpoint: {copy / 'config.json'}: {message}" in err, err
