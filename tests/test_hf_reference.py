@@ -4,7 +4,7 @@ Hugging Face checkpoint converter.
 Hugging Face transformers' ``DeepseekV3ForCausalLM`` (MLA with interleaved YaRN RoPE, sigmoid
 grouped routing with the score-correction bias, shared expert, dense first layer) gets random
 weights and is saved with ``save_pretrained``. Its weights reach this package's Megatron-Core
-model through ``models.hf_deepseek`` (in process) and through ``tools/convert_hf_checkpoint.py``
+model through ``models.hf`` (in process) and through ``tools/convert_hf_checkpoint.py``
 (one process, expert parallel 2, uneven pipeline 2) plus ``dist_checkpointing``. Each response's
 log-probs from preference-packed rows must equal those of Hugging Face running prompt + response
 alone. Broken inputs (config, index, truncated or corrupt shards, a tensor the model needs but
