@@ -1,7 +1,8 @@
 """The packing invariant on one process (fp32, CPU): per-token log-probs of every response in a
 row equal those of prompt + response run alone through the same model, for dense, MoE and
-A.X K1-like MLA-MoE models, in preference-packed, duplicated-prompt and unpacked rows; gradients
-too. Also: RoPE really follows the position ids (the check fails with 0..S-1 positions) and pad
+A.X K1-like MLA-MoE models and the Hugging Face architectures' features (llama3 RoPE, q/k norm,
+tied embeddings, MoE layers by index, partial rotary with Q/K/V bias), in preference-packed,
+duplicated-prompt and unpacked rows; gradients too. Also: RoPE really follows the position ids (the check fails with 0..S-1 positions) and pad
 tokens stay out of MoE routing statistics.
 
 The helpers here are reused by ``test_model_parallel_equivalence.py``.
@@ -176,7 +177,7 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.usefixtures("megatron_single_process")
-@pytest.mark.parametrize("name", ("tiny-dense", "tiny-moe", "tiny-mla-moe"))
+@pytest.mark.parametrize("name", ("tiny-dense", "tiny-moe", "tiny-mla-moe", "tiny-qwen3", "tiny-glm4-moe"))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradients_match_responses_run_alone(name: str, layout: str) -> None:
     """d(sum of response log-probs)/d(params), packed vs alone. The MoE aux loss is switched off:
@@ -200,7 +201,7 @@ def test_gradients_match_responses_run_alone(name: str, layout: str) -> None:
 
 
 @pytest.mark.usefixtures("megatron_single_process")
-@pytest.mark.parametrize("name", ("tiny-dense", "tiny-mla-moe"))
+@pytest.mark.parametrize("name", ("tiny-dense", "tiny-mla-moe", "tiny-llama3", "tiny-glm4-moe"))
 def test_rope_from_row_positions_fails_the_check(name: str) -> None:
     """With RoPE from 0..S-1 (what GPTModel/MLA do by default), the first response of a row's first
     group still matches (its positions are 0..S-1) but the second does not: the check can fail.
