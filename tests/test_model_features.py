@@ -232,6 +232,12 @@ REFUSED = [
         "moe.normalize_topk",
         "always renormalises",
     ),
+    (
+        "tiny-glm4-moe",
+        {"moe": dataclasses.replace(preset("tiny-glm4-moe").moe, top_k=1, topk_groups=1)},
+        "moe.normalize_topk",
+        "top_k=1",
+    ),
     ("tiny-llama3", {"position_embedding": "learned"}, "llama3_rope", "needs position_embedding 'rope'"),
     ("tiny-mla-moe", {"llama3_rope": Llama3RopeConfig(8.0, 1.0, 4.0, 64)}, "llama3_rope", "no mla"),
     (
@@ -255,6 +261,14 @@ def test_refused_combinations(name: str, changes: dict[str, Any], key: str, reas
         cfg.validate()
     assert err.value.key == key
     assert reason in err.value.reason
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+@pytest.mark.parametrize("name", ("tiny-qwen3-moe", "tiny-glm4-moe"))
+def test_unnormalised_top1_builds(name: str) -> None:
+    """A top-1 router that keeps the expert's own score is what Megatron computes."""
+    moe = dataclasses.replace(preset(name).moe, top_k=1, normalize_topk=False)
+    build(name, moe=moe)
 
 
 @pytest.mark.usefixtures("megatron_single_process")

@@ -90,7 +90,8 @@ class MoEConfig:
     (Qwen3-MoE ``norm_topk_prob: true``, Mixtral; Megatron's softmax over the top-k logits);
     False = softmax over all experts, top-k kept as they are (``norm_topk_prob: false``,
     Qwen2-MoE; Megatron's ``moe_router_pre_softmax``). ``"sigmoid_grouped"`` always
-    renormalises (Megatron has no other mode), so it needs True."""
+    renormalises a top-k > 1 (Megatron has no other mode), so it needs True there. A
+    renormalised top-1 (weight 1.0) is refused: Megatron keeps the expert's own score."""
 
     def validate(self) -> None:
         """Raise :class:`ModelConfigError` naming the offending ``moe.`` field."""
@@ -146,9 +147,10 @@ class MoEConfig:
     def _check_normalization(self) -> None:
         """Megatron renormalises the top-k weights in exactly these cases; refuse the others
         rather than route with different weights than the checkpoint's model."""
-        if self.router == "sigmoid_grouped" and not self.normalize_topk:
+        if self.router == "sigmoid_grouped" and not self.normalize_topk and self.top_k > 1:
             raise ModelConfigError(
-                "moe.normalize_topk", "router 'sigmoid_grouped' always renormalises the top-k (needs true)"
+                "moe.normalize_topk",
+                "router 'sigmoid_grouped' always renormalises a top-k > 1 (needs true)",
             )
         if self.top_k == 1 and self.normalize_topk:
             # Megatron keeps the single expert's softmax/sigmoid score; a renormalised top-1 is 1.0.
@@ -332,6 +334,13 @@ class ModelConfig:
         )
         if not 0 < self.rotary_percent <= 1:
             raise ModelConfigError("rotary_percent", f"must be in (0, 1], got {self.rotary_percent}")
+        # Megatron derives the head size as hidden_size // num_attention_heads when it is not given.
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ModelConfigError(
+                "hidden_size",
+                f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads} "
+                "(or set kv_channels)",
+            )
         if self.rotary_percent < 1 and self.mla is None:
             # Megatron and transformers both truncate head_dim * percent; refuse rather than truncate.
             head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
@@ -342,13 +351,6 @@ class ModelConfig:
                     f"{self.rotary_percent} of head_dim={head_dim} is {rotary_dim:g} channels; "
                     "must be an even whole number",
                 )
-        # Megatron derives the head size as hidden_size // num_attention_heads when it is not given.
-        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            raise ModelConfigError(
-                "hidden_size",
-                f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads} "
-                "(or set kv_channels)",
-            )
 
     @property
     def is_moe(self) -> bool:
