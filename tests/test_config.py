@@ -58,13 +58,13 @@ def error_of(path: Path | None, overrides: list[str] = ()) -> str:
 
 
 def test_loads_sections_preset_overrides_and_cli_overrides(config_file):
-    cfg = load_config(config_file(), ["optimizer.lr=3e-4", "model.moe.top_k=1", "data.layout=unpacked"])
+    cfg = load_config(config_file(), ["optimizer.lr=3e-4", "model.moe.top_k=3", "data.layout=unpacked"])
     assert cfg.run.train_steps == 7
     assert cfg.optimizer.lr == pytest.approx(3e-4)
     assert cfg.data.layout == "unpacked"
     model = model_config(cfg)
     assert model.num_layers == 4  # preset + field override
-    assert model.moe.top_k == 1  # nested override merged into the preset's moe section
+    assert model.moe.top_k == 3  # nested override merged into the preset's moe section
     assert model.moe.num_experts == 4  # the rest of the preset's moe section is kept
     assert "train_steps: 7" in to_yaml(cfg)
 
@@ -396,7 +396,7 @@ def test_stored_config_reads_back_equal(example, overrides):
 
 def test_loaded_config_reads_back_equal(config_file):
     cfg = load_config(
-        config_file(), ["model.moe.top_k=1", "optimizer.lr=3e-4", "objective.sft.responses=first"]
+        config_file(), ["model.moe.top_k=3", "optimizer.lr=3e-4", "objective.sft.responses=first"]
     )
     assert config_from_yaml(to_yaml(cfg), "stored") == cfg
 
@@ -430,7 +430,7 @@ def test_stored_config_errors_name_the_source(text, expected):
         ("data.global_batch_size=16", ["data.global_batch_size: 8 -> 16"], []),
         ("data.layout=unpacked", ["data.layout: prefpack -> unpacked"], []),
         ("model.num_layers=2", ["model.num_layers: 4 -> 2"], []),
-        ("model.moe.top_k=1", ["model.moe.top_k: 2 -> 1"], []),
+        ("model.moe.top_k=3", ["model.moe.top_k: 2 -> 3"], []),
         ("parallel.tensor=2", ["parallel.tensor: 1 -> 2"], []),
         ("parallel.first_stage_layers=1", ["parallel.first_stage_layers: None -> 1"], []),
         ("parallel.distributed_optimizer=true", ["parallel.distributed_optimizer: False -> True"], []),
