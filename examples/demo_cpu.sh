@@ -7,7 +7,9 @@
 # Steps: set up .venv if needed (tools/setup_env.sh: torch 2.13.0 CPU, then `pip install -e .[dev]`),
 # train a 2000-piece SentencePiece tokenizer, preprocess the data into prompt groups, SFT the
 # model on the chosen responses, store the SFT model's reference log-probs, train DPO from it,
-# and print held-out reward accuracy before/after DPO and the packing savings.
+# export the DPO model to a Hugging Face directory and check with transformers that it gives the
+# packed run's held-out log-probs (and let it write a reply), and print held-out reward accuracy
+# before/after DPO and the packing savings.
 # Everything goes to $OUT (default: demo_out/ in the current directory). PREFPACK_PYTHON picks
 # an existing environment's python instead of .venv.
 set -euo pipefail
@@ -32,30 +34,40 @@ else
   launch=("$bin/prefpack")
 fi
 
-echo "== 1/6 tokenizer"
+echo "== 1/8 tokenizer"
 mkdir -p "$out"
 "$bin/prefpack" train-tokenizer --input "$data" --output "$out/tokenizer" --vocab-size 2000
 
-echo "== 2/6 preprocess (prompts cut to their last 96 tokens, responses to 64)"
+echo "== 2/8 preprocess (prompts cut to their last 96 tokens, responses to 64)"
 "$bin/prefpack" preprocess --input "$data" --tokenizer "$out/tokenizer.model" --output "$out/data" \
   --max-prompt-len 96 --max-response-len 64 --seq-len 256 --workers 2 --no-progress
 
-echo "== 3/6 SFT warm-up on the chosen responses"
+echo "== 3/8 SFT warm-up on the chosen responses"
 rm -rf "$out/sft"
 "${launch[@]}" train --config "$configs/demo_sft.yaml" "${common[@]}" \
   run.dir="$out/sft" checkpoint.save="$out/sft/checkpoints"
 
-echo "== 4/6 reference log-probs of the SFT model"
+echo "== 4/8 reference log-probs of the SFT model"
 "${launch[@]}" ref-logprobs --config "$configs/demo_dpo.yaml" "${common[@]}" \
   checkpoint.load="$out/sft/checkpoints" --output "$out/data/ref_logprobs.npy"
 
-echo "== 5/6 DPO (reference = the SFT model)"
+echo "== 5/8 DPO (reference = the SFT model)"
 rm -rf "$out/dpo"
 "${launch[@]}" train --config "$configs/demo_dpo.yaml" "${common[@]}" \
   run.dir="$out/dpo" reference.path="$out/data/ref_logprobs.npy" \
   checkpoint.load="$out/sft/checkpoints" checkpoint.save="$out/dpo/checkpoints"
 
-echo "== 6/6 packing savings on the same data"
+echo "== 6/8 export the DPO model to Hugging Face format (an AXK1ForCausalLM directory)"
+"$python" "$repo/tools/export_hf_checkpoint.py" --load "$out/dpo/checkpoints" --output "$out/hf" \
+  --dtype float32 --overwrite
+
+echo "== 7/8 transformers loads it: the packed run's held-out log-probs, and a reply"
+"${launch[@]}" ref-logprobs --config "$configs/demo_dpo.yaml" "${common[@]}" \
+  --load "$out/dpo/checkpoints" --output "$out/dpo_logprobs.npy"
+"$python" "$repo/examples/check_hf_export.py" --hf-dir "$out/hf" --data "$out/data" \
+  --table "$out/dpo_logprobs.npy" --tokenizer "$out/tokenizer.model"
+
+echo "== 8/8 packing savings on the same data"
 "$bin/prefpack" bench packing --data "$data" --tokenizer "$out/tokenizer.model" --seq-len 256 \
   --max-prompt-len 96 --max-response-len 64 --json > "$out/bench.json"
 

@@ -2,8 +2,9 @@
 
 ``tiny-*`` presets are for CPU tests (fp32, a few thousand parameters; ``tiny-llama3``,
 ``tiny-qwen3``, ``tiny-qwen3-moe`` and ``tiny-glm4-moe`` are those Hugging Face architectures in
-miniature, each with the features its family needs); ``demo-moe`` is the CPU
-demo model (a few M parameters); ``ax-k1`` and ``deepseek-v3`` are the real shapes (bf16).
+miniature, each with the features its family needs); ``demo-axk1`` is the CPU demo's model
+(A.X K1's architecture at a few M parameters), ``demo-moe`` a plain GQA MoE of similar size (the
+default of ``prefpack bench step``); ``ax-k1`` and ``deepseek-v3`` are the real shapes (bf16).
 Multi-token prediction (one MTP layer in both real models) is not built by this project.
 """
 
@@ -155,6 +156,38 @@ def _demo_moe() -> ModelConfig:
     )
 
 
+def _demo_axk1() -> ModelConfig:
+    """The CPU demo's model: A.X K1's architecture (dense first layer, MLA with YaRN, shared
+    expert, sigmoid grouped routing with expert bias and scaling, post-MoE RMSNorm) at 5 M
+    parameters, so the demo's result exports as an ``AXK1ForCausalLM`` transformers loads."""
+    return ModelConfig(
+        num_layers=4,
+        hidden_size=128,
+        ffn_hidden_size=384,
+        num_attention_heads=4,
+        vocab_size=8192,
+        max_position_embeddings=1024,
+        position_embedding="yarn",
+        yarn=YarnConfig(
+            scaling_factor=4.0, original_max_position_embeddings=256, mscale=1.0, mscale_all_dim=1.0
+        ),
+        mla=MLAConfig(q_lora_rank=64, kv_lora_rank=64, qk_head_dim=32, qk_pos_emb_head_dim=16, v_head_dim=32),
+        moe=MoEConfig(
+            num_experts=16,
+            top_k=4,  # of 2 groups: each group scored by its best 2, as in DeepSeek-V3
+            expert_ffn_hidden_size=64,
+            shared_expert_ffn_hidden_size=128,
+            router="sigmoid_grouped",
+            num_groups=4,
+            topk_groups=2,
+            expert_bias=True,
+            routing_scaling_factor=2.5,
+            first_k_dense=1,
+            post_moe_norm=True,
+        ),
+    )
+
+
 def _ax_k1() -> ModelConfig:
     """A.X K1 (arXiv 2601.09200): 519B total / ~33B active.
 
@@ -214,6 +247,7 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny-qwen3-moe": _tiny_qwen3_moe,
     "tiny-glm4-moe": _tiny_glm4_moe,
     "demo-moe": _demo_moe,
+    "demo-axk1": _demo_axk1,
     "ax-k1": _ax_k1,
     "deepseek-v3": _deepseek_v3,
 }
