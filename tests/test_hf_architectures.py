@@ -1,4 +1,4 @@
-"""Llama (``llama3`` RoPE), Qwen3 (q/k norms, tied embeddings), Qwen3-MoE (``norm_topk_prob``
+"""DeepSeek-V3, Llama (``llama3`` RoPE), Qwen3 (q/k norms, tied embeddings), Qwen3-MoE (``norm_topk_prob``
 true and false, a dense layer from ``mlp_only_layers``) and GLM-4.5 (Q/K/V bias, half-rotary
 RoPE, q/k norms, grouped sigmoid routing with correction bias) against transformers.
 
@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from tests.hf_checks import assert_close, hf_logprobs, packed_logprobs, randomize, read_tensors
+from tests.test_hf_reference import deepseek_v3_shaped
+from tests.test_hf_reference import hf_config as deepseek_v3_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,6 +60,7 @@ MODELS = {
         moe_intermediate_size=16,
         norm_topk_prob=False,
     ),
+    "deepseek_v3": lambda: deepseek_v3_config(deepseek_v3_shaped()),
     "glm4_moe": lambda: transformers.Glm4MoeConfig(
         **COMMON,
         head_dim=16,
@@ -100,7 +103,7 @@ def test_import_is_exact_and_export_gives_the_same_tensors(hf_model) -> None:
     arch, cfg = read_model_config(directory)
     hf_json = json.loads((directory / "config.json").read_text())
     assert arch.model_type == hf_json["model_type"]
-    assert cfg.qk_layernorm == (arch.model_type != "llama")
+    assert cfg.qk_layernorm == (arch.model_type in ("qwen3", "qwen3_moe", "glm4_moe"))
     assert cfg.attention_bias == (arch.model_type == "glm4_moe")
     generated_hf_config(arch, cfg)  # reads back as the same model
     model = build_model(cfg)
