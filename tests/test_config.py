@@ -479,3 +479,44 @@ def test_preset_and_its_fields_written_out_are_the_same_model(config_file):
     assert (changes.refused, changes.applied) == ([], [])
     other = resume_changes(saved, apply_override(saved, "model.preset=tiny-dense"))
     assert "model.moe.num_experts: 4 -> None" in [str(change) for change in other.refused]
+
+
+def _qwen3_config_dir(directory: Path) -> Path:
+    """A tiny Qwen3 ``config.json`` written by transformers itself."""
+    transformers = pytest.importorskip("transformers")
+    transformers.Qwen3Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    ).save_pretrained(directory)
+    return directory
+
+
+def test_model_section_can_name_a_hugging_face_config(config_file, tmp_path):
+    from megatron_prefpack.models.hf import read_model_config
+
+    hf_dir = _qwen3_config_dir(tmp_path / "qwen3")
+    base = BASE.replace("  preset: tiny-moe\n  num_layers: 4\n", "  attention_backend: reference\n")
+    for given in (hf_dir, hf_dir / "config.json"):
+        cfg = load_config(config_file(base=base), [f"model.hf_config={given}"])
+        model = model_config(cfg)
+        expected = read_model_config(hf_dir)[1]
+        assert model.qk_layernorm and model.tie_embeddings and model.kv_channels == 8
+        assert dataclasses.replace(model, attention_backend=expected.attention_backend) == expected
+        assert model.attention_backend == "reference"  # fields next to hf_config override it
+
+
+def test_model_hf_config_errors_name_the_key(config_file, tmp_path):
+    hf_dir = _qwen3_config_dir(tmp_path / "qwen3")
+    both = error_of(config_file(), [f"model.hf_config={hf_dir}"])
+    assert "model.hf_config: give model.preset or model.hf_config, not both" in both
+    base = BASE.replace("  preset: tiny-moe\n  num_layers: 4\n", "  attention_backend: reference\n")
+    missing = error_of(config_file(base=base), [f"model.hf_config={tmp_path / 'nowhere'}"])
+    assert f"override 'model.hf_config={tmp_path / 'nowhere'}': model.hf_config: " in missing
+    assert "config.json" in missing

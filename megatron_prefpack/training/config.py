@@ -574,16 +574,35 @@ def _check_reference(cfg: TrainConfig) -> None:
         raise config_error(cfg, "reference.load", f"no such checkpoint: {ref.load}")
 
 
-def model_config(cfg: TrainConfig) -> Any:
-    """Resolve ``cfg.model`` (a preset and/or ``ModelConfig`` fields) into a ``ModelConfig``.
+def _hf_model_base(cfg: TrainConfig, source: Any) -> dict[str, Any]:
+    """The ``ModelConfig`` fields of a Hugging Face ``config.json`` (``model.hf_config``: the
+    file or its directory), translated exactly or refused naming the field."""
+    from megatron_prefpack.models.hf import ConversionError, read_model_config
 
-    Fields given next to ``preset`` override the preset's (nested sections merge key by key)."""
+    path = Path(str(source))
+    try:
+        _, hf_model = read_model_config(path.parent if path.name == "config.json" else path)
+    except ConversionError as err:
+        raise config_error(cfg, "model.hf_config", str(err)) from None
+    return dataclasses.asdict(hf_model)
+
+
+def model_config(cfg: TrainConfig) -> Any:
+    """Resolve ``cfg.model`` into a ``ModelConfig``: a ``preset``, or ``hf_config`` (a Hugging
+    Face ``config.json`` or its directory, e.g. the one a checkpoint was converted from), and/or
+    ``ModelConfig`` fields, which override the preset's or the HF config's (nested sections merge
+    key by key)."""
     from megatron_prefpack.models import presets
     from megatron_prefpack.models.config import ModelConfig
 
     section = dict(cfg.model)
     preset = section.pop("preset", None)
+    hf_config = section.pop("hf_config", None)
     base: dict[str, Any] = {}
+    if preset is not None and hf_config is not None:
+        raise config_error(cfg, "model.hf_config", "give model.preset or model.hf_config, not both")
+    if hf_config is not None:
+        base = _hf_model_base(cfg, hf_config)
     if preset is not None:
         if preset not in presets.PRESETS:
             close = difflib.get_close_matches(str(preset), list(presets.PRESETS), n=1)
