@@ -1,6 +1,7 @@
 """The packing invariant under model parallelism (gloo processes, fp32, CPU): per-token log-probs of
 every response in preference-packed rows, computed with TP=2 + sequence parallelism, EP=2, PP=2 (even
-and uneven stages) and TP2 x EP2, equal those of each prompt + response run alone on a single process.
+and uneven stages) and TP2 x EP2, equal those of each prompt + response run alone on a single process;
+for the dense, MoE and MLA presets and the Hugging Face architectures' (Qwen3, Qwen3-MoE, GLM-4.5).
 
 One single-process run writes its weights with Megatron's ``dist_checkpointing`` and computes the
 reference; each parallel layout loads the same weights (resharded by Megatron) and runs the
@@ -46,6 +47,12 @@ CASES = [
     ("tiny-mla-moe", "ep2"),
     ("tiny-mla-moe", "tp2xep2"),
     ("tiny-mla-moe", "pp2-uneven"),
+    # The Hugging Face architectures' own features under a layout each: tied embeddings and q/k
+    # norms across pipeline stages, softmax top-k routing across expert ranks, Q/K/V bias and
+    # partial rotary with sharded heads.
+    ("tiny-qwen3", "pp2"),
+    ("tiny-qwen3-moe", "ep2"),
+    ("tiny-glm4-moe", "tp2-sp"),
 ]
 
 
