@@ -12,10 +12,7 @@ as ``AXK1ForSequenceClassification`` with equal rewards; bad inputs exit 2 namin
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib.util
-import io
 import json
 import os
 import shutil
@@ -29,7 +26,15 @@ import torch
 from megatron_prefpack.models.config import ModelConfig
 from megatron_prefpack.models.presets import preset
 from tests.hf_checks import assert_close, hf_logprobs, packed_logprobs, randomize, read_tensors
-from tests.test_model_equivalence import make_groups, single_batch
+from tests.test_hf_architectures import (
+    assert_rewards_equal,
+    changed_checkpoint,
+    checkpoint_model,
+    convert,
+    export,
+    megatron_process,
+    run_tool,
+)
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "AXK1ForCausalLM"):
@@ -104,18 +109,6 @@ def hf_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def run_tool(name: str, argv: list[str]) -> tuple[int, str, str]:
-    """``tools/<name>.py`` run in this process: exit status, stdout, stderr."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules[name] = tool  # its dataclasses look their module up
-    spec.loader.exec_module(tool)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = tool.main(argv)
-    return status, out.getvalue(), err.getvalue()
-
-
 def run_tool_distributed(name: str, nproc: int, argv: list[str]) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
@@ -126,39 +119,10 @@ def run_tool_distributed(name: str, nproc: int, argv: list[str]) -> subprocess.C
 @pytest.fixture(scope="module")
 def converted(hf_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("mcore") / "ckpt"
-    status, out, err = run_tool(
-        "convert_hf_checkpoint", ["--hf-dir", str(hf_source), "--output", str(output), "--dtype", "float32"]
-    )
-    assert status == 0, out + err
+    out = convert(hf_source, output)
     assert "kept aside for export: 3 tensors of multi-token-prediction layer(s) [3]" in out, out
     assert "0 checkpoint tensors not used" in out, out
     return output
-
-
-@contextlib.contextmanager
-def megatron_process():
-    """Megatron's parallel state for this process alone, for the parts of a test between tool runs
-    (the tools set up and tear down their own)."""
-    from megatron_prefpack.platform import distributed as dist_platform
-
-    dist_platform.initialize()
-    try:
-        yield
-    finally:
-        dist_platform.destroy()
-
-
-def _load_model(ckpt: Path, reward: bool = False) -> torch.nn.Module:
-    """This process's model with ``ckpt``'s weights (Megatron's parallel state must exist)."""
-    from megatron_prefpack.losses.reward import attach_reward_head
-    from megatron_prefpack.models.builder import build_model
-    from megatron_prefpack.training import checkpoint
-
-    model = build_model(axk1_shaped())
-    if reward:
-        attach_reward_head(model)
-    checkpoint.load(ckpt, [model], restore_rng=False)
-    return model
 
 
 @pytest.mark.usefixtures("megatron_single_process")
@@ -167,19 +131,11 @@ def test_import_gives_packed_logprobs_equal_to_transformers(hf_source, converted
     expected = hf_logprobs(
         transformers.AutoModelForCausalLM.from_pretrained(hf_source).eval(), cfg.vocab_size
     )
-    assert_close(packed_logprobs(_load_model(converted), cfg.vocab_size), expected)
-
-
-def _export(converted: Path, output: Path, *extra: str) -> str:
-    status, out, err = run_tool(
-        "export_hf_checkpoint", ["--load", str(converted), "--output", str(output), *extra]
-    )
-    assert status == 0, out + err
-    return out
+    assert_close(packed_logprobs(checkpoint_model(converted), cfg.vocab_size), expected)
 
 
 def test_round_trip_is_bit_identical_and_carries_the_mtp_layer(hf_source, converted, tmp_path) -> None:
-    out = _export(converted, tmp_path / "hf", "--hf-config", str(hf_source), "--dtype", "float32")
+    out = export(converted, tmp_path / "hf", "--hf-config", str(hf_source), "--dtype", "float32")
     assert "carried over" in out and f"model.layers.3.{MTP_TENSORS[0]}" in out, out
     source, exported = read_tensors(hf_source), read_tensors(tmp_path / "hf")
     assert exported.keys() == source.keys()
@@ -192,35 +148,22 @@ def test_round_trip_is_bit_identical_and_carries_the_mtp_layer(hf_source, conver
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert type(loaded).__name__ == "AXK1ForCausalLM"
 
-    _export(
-        converted, tmp_path / "dropped", "--hf-config", str(hf_source), "--dtype", "float32", "--drop-mtp"
-    )
+    export(converted, tmp_path / "dropped", "--hf-config", str(hf_source), "--dtype", "float32", "--drop-mtp")
     assert read_tensors(tmp_path / "dropped").keys() == {
         n for n in source if not n.startswith("model.layers.3.")
     }
 
 
-def _changed_checkpoint(converted: Path, target: Path, reward: bool) -> None:
-    """``converted``'s model with every weight changed (as training would), saved to ``target``."""
-    from megatron_prefpack.training import checkpoint
-
-    model = _load_model(converted, reward=reward)
-    randomize(model, seed=7)
-    state = checkpoint.read_state(converted)
-    state = dataclasses.replace(state, objective="rm" if reward else "lm", world_size=1)
-    checkpoint.save(target, state, [model], None, keep=0)
-
-
 @pytest.mark.slow
 def test_export_after_training_gives_this_packages_logprobs_in_transformers(hf_source, converted, tmp_path):
     with megatron_process():
-        _changed_checkpoint(converted, tmp_path / "trained", reward=False)
-        ours = packed_logprobs(_load_model(tmp_path / "trained"), axk1_shaped().vocab_size)
-    _export(tmp_path / "trained", tmp_path / "hf", "--hf-config", str(hf_source), "--dtype", "float32")
+        changed_checkpoint(converted, tmp_path / "trained", reward=False)
+        ours = packed_logprobs(checkpoint_model(tmp_path / "trained"), axk1_shaped().vocab_size)
+    export(tmp_path / "trained", tmp_path / "hf", "--hf-config", str(hf_source), "--dtype", "float32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert_close(ours, hf_logprobs(hf, axk1_shaped().vocab_size))
 
-    _export(tmp_path / "trained", tmp_path / "generated", "--dtype", "float32")  # config from the model
+    export(tmp_path / "trained", tmp_path / "generated", "--dtype", "float32")  # config from the model
     generated = json.loads((tmp_path / "generated" / "config.json").read_text())
     assert generated["model_type"] == "axk1" and "first_k_dense_replace" not in generated
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "generated").eval()
@@ -228,25 +171,37 @@ def test_export_after_training_gives_this_packages_logprobs_in_transformers(hf_s
 
 
 @pytest.mark.slow
-def test_reward_model_exports_as_sequence_classification_with_equal_rewards(hf_source, converted, tmp_path):
-    from megatron_prefpack.models.forward import model_forward
+def test_a_model_trained_here_exports_with_this_packages_logprobs(hf_source, converted, tmp_path) -> None:
+    """The imported model DPO-trained for 3 optimizer steps by ``train`` (the model section names
+    the HF config), exported with the CLI: transformers' per-token log-probs of each prompt +
+    response equal this package's packed ones for the trained weights."""
+    from tests.test_train import make_dataset, overrides, train_ranks
 
-    groups = make_groups(seed=3, vocab_size=axk1_shaped().vocab_size)
+    data = make_dataset(tmp_path / "data")
+    args = [a for a in overrides(data, tmp_path / "run") if not a.startswith("model.preset=")]
+    model = [f"model.hf_config={hf_source}", "model.params_dtype=float32"]
+    start = [f"checkpoint.load={converted}", "checkpoint.load_optimizer=false"]
+    trained = Path(train_ranks(1, [*args, *model, *start])["checkpoint"])
+    vocab_size = axk1_shaped().vocab_size
     with megatron_process():
-        _changed_checkpoint(converted, tmp_path / "rm", reward=True)
-        model = _load_model(tmp_path / "rm", reward=True).eval()
-        with torch.no_grad():
-            ours = {
-                (g.group_id, k): model_forward(model, single_batch(g, k))[0, -1, 0]
-                for g in groups
-                for k in range(len(g.responses))
-            }
+        ours = packed_logprobs(checkpoint_model(trained), vocab_size)
+        before = packed_logprobs(checkpoint_model(converted), vocab_size)
+    assert all((ours[k] - before[k]).abs().max() > 1e-3 for k in ours), "training changed nothing"
+    export(trained, tmp_path / "hf", "--hf-config", str(hf_source), "--dtype", "float32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert_close(ours, hf_logprobs(hf, vocab_size))
+
+
+@pytest.mark.slow
+def test_reward_model_exports_as_sequence_classification_with_equal_rewards(hf_source, converted, tmp_path):
+    with megatron_process():
+        changed_checkpoint(converted, tmp_path / "rm", reward=True)
     status, _, err = run_tool(
         "export_hf_checkpoint",
         ["--load", str(tmp_path / "rm"), "--output", str(tmp_path / "bad"), "--hf-config", str(hf_source)],
     )
     assert status == 2 and "a reward model needs a pad_token_id" in err, err
-    _export(
+    export(
         tmp_path / "rm",
         tmp_path / "hf",
         "--hf-config",
@@ -256,12 +211,9 @@ def test_reward_model_exports_as_sequence_classification_with_equal_rewards(hf_s
         "--pad-token-id",
         "0",
     )
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf).__name__ == "AXK1ForSequenceClassification" and hf.config.pad_token_id == 0
-    with torch.no_grad():
-        for (gid, k), reward in ours.items():
-            theirs = hf(input_ids=single_batch(groups[gid], k).tokens).logits[0, 0]
-            assert (reward - theirs).abs().item() <= 1e-5, (gid, k)
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["architectures"] == ["AXK1ForSequenceClassification"] and hf_config["pad_token_id"] == 0
+    assert_rewards_equal(tmp_path / "rm", tmp_path / "hf")
 
 
 def _resave_under_tp2(converted: str, target: str) -> None:
@@ -303,7 +255,7 @@ def test_parallel_export_is_bit_identical(hf_source, converted, layout, tmp_path
         "float32",
     ]
     if nproc == 1:
-        _export(load, tmp_path / "hf", *argv[4:])
+        export(load, tmp_path / "hf", *argv[4:])
     else:
         done = run_tool_distributed("export_hf_checkpoint", nproc, [*argv, *extra])
         assert done.returncode == 0, done.stdout + done.stderr
