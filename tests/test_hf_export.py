@@ -6,9 +6,9 @@ saved with ``save_pretrained``, plus a multi-token-prediction layer's tensors (a
 checkpoint has). Checked: the import gives packed log-probs equal to transformers on each
 prompt + response alone; HF -> Megatron -> HF is bit-identical (MTP carried over), also when the
 checkpoint was saved under TP2 and exported under EP2 or an uneven PP2; after the weights
-change (randomly, and by 3 DPO steps of ``train`` from the import), transformers loading the export
-gives this package's log-probs; a reward model exports
-as ``AXK1ForSequenceClassification`` with equal rewards; bad inputs exit 2 naming the file.
+change (randomly, and by 3 DPO steps of ``train`` from the import), transformers loading the
+export gives this package's log-probs; a reward model exports as
+``AXK1ForSequenceClassification`` with equal rewards; bad inputs exit 2 naming the file.
 """
 
 from __future__ import annotations
