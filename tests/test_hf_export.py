@@ -179,6 +179,9 @@ def test_a_model_trained_here_exports_with_this_packages_logprobs(hf_source, con
     from tests.test_train import make_dataset, overrides, train_ranks
 
     data = make_dataset(tmp_path / "data")
+    info = json.loads((data / "dataset.json").read_text())
+    info["tokenizer"].update(bos_id=None, eos_id=2, pad_id=0)  # a tokenizer that adds no BOS
+    (data / "dataset.json").write_text(json.dumps(info))
     args = [a for a in overrides(data, tmp_path / "run") if not a.startswith("model.preset=")]
     model = [f"model.hf_config={hf_source}", "model.params_dtype=float32"]
     start = [f"checkpoint.load={converted}", "checkpoint.load_optimizer=false"]
@@ -190,6 +193,12 @@ def test_a_model_trained_here_exports_with_this_packages_logprobs(hf_source, con
     assert all((ours[k] - before[k]).abs().max() > 1e-3 for k in ours), "training changed nothing"
     export(trained, tmp_path / "hf", "--hf-config", str(hf_source), "--dtype", "float32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert_close(ours, hf_logprobs(hf, vocab_size))
+    # Without --hf-config the generated config.json takes the training tokenizer's special ids.
+    export(trained, tmp_path / "generated", "--dtype", "float32")
+    generated = json.loads((tmp_path / "generated" / "config.json").read_text())
+    assert (generated["bos_token_id"], generated["eos_token_id"], generated["pad_token_id"]) == (None, 2, 0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "generated").eval()
     assert_close(ours, hf_logprobs(hf, vocab_size))
 
 

@@ -9,7 +9,8 @@ holds the whole model; run it under torchrun over pipeline x expert CPU ranks fo
       --output hf-out --hf-config hf-src --pipeline 2 --first-stage-layers 30 --expert 8
 
 The output holds ``model-XXXXX-of-YYYYY.safetensors`` shards with ``model.safetensors.index.json``,
-``config.json`` (``--hf-config``'s, with the exported dtype and class; else generated from the
+``config.json`` (``--hf-config``'s, with the exported dtype and class; else generated, with the
+special token ids of the tokenizer the checkpoint's training data was made with, from the
 checkpoint's model for the first architecture that expresses it exactly, or ``--model-type``),
 ``generation_config.json`` and the tokenizer files (``--tokenizer``, else ``--hf-config``'s).
 Source tensors the checkpoint does not hold (A.X K1's multi-token-prediction layer) are carried
@@ -91,18 +92,35 @@ class Plan:
     hf_config: dict[str, Any]
 
 
-def _checkpoint_model(load: Path) -> tuple[ModelConfig, bool]:
-    """The model of checkpoint ``load`` and whether it is a reward model."""
+def _checkpoint_model(load: Path) -> tuple[ModelConfig, bool, dict[str, int]]:
+    """The model of checkpoint ``load``, whether it is a reward model, and the special token ids
+    of the tokenizer its training data was made with (``bos/eos/pad_token_id``; empty when that
+    ``dataset.json`` is no longer readable)."""
     from megatron_prefpack.training import checkpoint
     from megatron_prefpack.training.config import ConfigError, config_from_yaml, model_config
 
     try:
         state = checkpoint.read_state(load)
         source = f"{checkpoint.resolve(load) / checkpoint.META}: config_yaml"
-        cfg = model_config(config_from_yaml(state.config_yaml, source))
+        train_cfg = config_from_yaml(state.config_yaml, source)
+        cfg = model_config(train_cfg)
     except (checkpoint.CheckpointError, ConfigError) as err:
         raise ExportError(str(err)) from err
-    return cfg, state.objective == "rm"
+    return cfg, state.objective == "rm", _training_token_ids(Path(train_cfg.data.path))
+
+
+def _training_token_ids(data: Path) -> dict[str, int]:
+    """``bos/eos/pad_token_id`` of the dataset's tokenizer (``dataset.json``), for a generated
+    config.json: a model trained here uses that tokenizer's ids, not the architecture's defaults."""
+    from megatron_prefpack.data.group_dataset import DatasetError
+    from megatron_prefpack.data.json_files import read_json_object
+
+    try:
+        tokenizer = read_json_object(data / "dataset.json", DatasetError).get("tokenizer", {})
+    except DatasetError:
+        return {}
+    ids = {f"{name}_token_id": tokenizer.get(f"{name}_id") for name in ("bos", "eos", "pad")}
+    return {key: value for key, value in ids.items() if isinstance(value, int)}
 
 
 def _source_config(args: argparse.Namespace, cfg: ModelConfig) -> tuple[Architecture, dict[str, Any]]:
@@ -185,8 +203,13 @@ def _reward_pad_token(args: argparse.Namespace, hf: dict[str, Any]) -> int:
 
 def plan_export(args: argparse.Namespace) -> Plan:
     """Check every input before any work; raises :class:`ExportError`."""
-    cfg, reward = _checkpoint_model(args.load)
-    arch, hf = _source_config(args, cfg) if args.hf_config else _generated_config(args, cfg)
+    cfg, reward, token_ids = _checkpoint_model(args.load)
+    if args.hf_config:
+        arch, hf = _source_config(args, cfg)
+    else:
+        arch, hf = _generated_config(args, cfg)
+        if token_ids:  # no BOS unless the training data's tokenizer adds one
+            hf = {**hf, "bos_token_id": None, **token_ids}
     plan = Plan(arch, cfg, reward, hf)
     _final_config(args, plan)  # the reward fields' checks
     taken = args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir()))
