@@ -24,7 +24,9 @@ from megatron_prefpack.data.tokenizers import load_tokenizer
 from megatron_prefpack.training.data import held_out
 
 
-def response_logprob_sums(model: torch.nn.Module, prompt: np.ndarray, responses: list[np.ndarray]) -> list[float]:
+def response_logprob_sums(
+    model: torch.nn.Module, prompt: np.ndarray, responses: list[np.ndarray]
+) -> list[float]:
     """Each response's log-prob sum given ``prompt``, from one transformers forward per response."""
     sums = []
     for response in responses:
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out prompt (end): ...{tokenizer.decode(prompt.tolist())[-160:]!r}")
     print(f"greedy reply from transformers: {tokenizer.decode(reply.tolist())!r}")
     if worst > args.tolerance:
-        print(f"check_hf_export: difference {worst:.2e} above --tolerance {args.tolerance:g}", file=sys.stderr)
+        print(
+            f"check_hf_export: difference {worst:.2e} above --tolerance {args.tolerance:g}", file=sys.stderr
+        )
         return 1
     return 0
 

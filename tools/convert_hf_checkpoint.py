@@ -79,17 +79,10 @@ def _fail(message: str) -> int:
 
 
 def _agree_on_failure(error: str | None) -> bool:
-    """Every rank learns whether any rank failed (so none waits for a peer that gave up);
-    rank 0 prints each distinct failure once, with the ranks it happened on."""
-    import torch.distributed as dist
+    """Whether any rank failed (collective); rank 0 reports each distinct failure once."""
+    from megatron_prefpack.platform.distributed import any_rank_failed
 
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    if dist.get_rank() == 0:
-        for message in dict.fromkeys(e for e in errors if e is not None):
-            ranks = ", ".join(str(r) for r, e in enumerate(errors) if e == message)
-            _fail(f"{message} (rank {ranks})")
-    return any(e is not None for e in errors)
+    return any_rank_failed(error, "convert_hf_checkpoint")
 
 
 def _build_chunk(args: argparse.Namespace, cfg: ModelConfig) -> torch.nn.Module:

@@ -157,34 +157,19 @@ def _demo_moe() -> ModelConfig:
 
 
 def _demo_axk1() -> ModelConfig:
-    """The CPU demo's model: A.X K1's architecture (dense first layer, MLA with YaRN, shared
-    expert, sigmoid grouped routing with expert bias and scaling, post-MoE RMSNorm) at 5 M
-    parameters, so the demo's result exports as an ``AXK1ForCausalLM`` transformers loads."""
-    return ModelConfig(
+    """The CPU demo's model: ``tiny-mla-moe`` (A.X K1's architecture) grown to 2 M parameters,
+    so the demo's result exports as an ``AXK1ForCausalLM`` that transformers loads."""
+    tiny = _tiny_mla_moe()
+    return replace(
+        tiny,
         num_layers=4,
         hidden_size=128,
         ffn_hidden_size=384,
-        num_attention_heads=4,
         vocab_size=8192,
         max_position_embeddings=1024,
-        position_embedding="yarn",
-        yarn=YarnConfig(
-            scaling_factor=4.0, original_max_position_embeddings=256, mscale=1.0, mscale_all_dim=1.0
-        ),
+        yarn=replace(tiny.yarn, original_max_position_embeddings=256),
         mla=MLAConfig(q_lora_rank=64, kv_lora_rank=64, qk_head_dim=32, qk_pos_emb_head_dim=16, v_head_dim=32),
-        moe=MoEConfig(
-            num_experts=16,
-            top_k=4,  # of 2 groups: each group scored by its best 2, as in DeepSeek-V3
-            expert_ffn_hidden_size=64,
-            shared_expert_ffn_hidden_size=128,
-            router="sigmoid_grouped",
-            num_groups=4,
-            topk_groups=2,
-            expert_bias=True,
-            routing_scaling_factor=2.5,
-            first_k_dense=1,
-            post_moe_norm=True,
-        ),
+        moe=replace(tiny.moe, num_experts=16, expert_ffn_hidden_size=64, shared_expert_ffn_hidden_size=128),
     )
 
 

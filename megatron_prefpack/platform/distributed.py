@@ -12,6 +12,7 @@ and seeds the RNGs the way Megatron expects. ``destroy`` undoes all of it;
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -166,3 +167,16 @@ def destroy(keep_process_group: bool = False) -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()
+
+
+def any_rank_failed(error: str | None, prog: str) -> bool:
+    """Collective: whether any rank passed an ``error`` (None = it did fine). Every rank gets
+    the same answer, so all stop together (none waits on a peer that gave up); rank 0 prints
+    each distinct failure once to stderr as ``<prog>: <error> (rank r, ...)``."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if dist.get_rank() == 0:
+        for message in dict.fromkeys(e for e in errors if e is not None):
+            ranks = ", ".join(str(r) for r, e in enumerate(errors) if e == message)
+            print(f"{prog}: {message} (rank {ranks})", file=sys.stderr)
+    return any(e is not None for e in errors)

@@ -63,6 +63,41 @@ def _dense_placement(types: list[str]) -> dict[str, Any]:
     return {"dense_layers": [i for i, t in enumerate(types) if t == "dense"]}
 
 
+def grouped_sigmoid_moe(hf: Mapping[str, Any], family: str, **placement: Any) -> MoEConfig:
+    """The MoE section of a DeepSeek-V3-style router (DeepSeek-V3, A.X K1, GLM-4.5): sigmoid
+    scores with a correction bias, experts in groups, the best ``topk_group`` groups kept, weights
+    renormalised and scaled, shared experts. Refuses what Megatron-Core computes differently
+    (``family`` names the model in the message); ``placement`` adds the dense-layer fields and
+    any other :class:`MoEConfig` field."""
+
+    def need(key: str, default: Any = REQUIRED) -> int:
+        return field(hf, key, int, default)
+
+    if not field(hf, "norm_topk_prob", bool, True):
+        raise ConversionError("norm_topk_prob=false; Megatron normalises sigmoid top-k weights")
+    top_k, groups, topk_groups = need("num_experts_per_tok"), need("n_group", 1), need("topk_group", 1)
+    if topk_groups < 1:
+        raise ConversionError(f"topk_group={topk_groups}; must be >= 1")
+    if groups > 1 and top_k // topk_groups != 2:
+        raise ConversionError(
+            f"num_experts_per_tok // topk_group = {top_k} // {topk_groups} != 2: {family} scores "
+            "a group by its best 2 experts, Megatron-Core by its best top_k // topk_group"
+        )
+    expert_size, shared = need("moe_intermediate_size"), need("n_shared_experts", 1)
+    return MoEConfig(
+        num_experts=need("n_routed_experts"),
+        top_k=top_k,
+        expert_ffn_hidden_size=expert_size,
+        shared_expert_ffn_hidden_size=expert_size * shared if shared else None,
+        router="sigmoid_grouped",
+        num_groups=groups,
+        topk_groups=topk_groups,
+        expert_bias=True,
+        routing_scaling_factor=field(hf, "routed_scaling_factor", float, 1.0),
+        **placement,
+    )
+
+
 def model_config(hf: Mapping[str, Any], *, post_moe_norm: bool = False) -> ModelConfig:
     """The :class:`ModelConfig` of a DeepSeek-V3-architecture ``config.json`` (as a dict)."""
 
@@ -71,8 +106,6 @@ def model_config(hf: Mapping[str, Any], *, post_moe_norm: bool = False) -> Model
 
     if not field(hf, "rope_interleave", bool, True):
         raise ConversionError("rope_interleave=false; Megatron's MLA RoPE expects interleaved weights")
-    if not field(hf, "norm_topk_prob", bool, True):
-        raise ConversionError("norm_topk_prob=false; Megatron normalises sigmoid top-k weights")
     if (scoring := field(hf, "scoring_func", str, "sigmoid")) != "sigmoid":
         raise ConversionError(f"scoring_func={scoring!r}; only 'sigmoid' is supported")
     expect(hf, "topk_method", "noaux_tc", "only DeepSeek-V3's noaux_tc routing converts")
@@ -84,21 +117,11 @@ def model_config(hf: Mapping[str, Any], *, post_moe_norm: bool = False) -> Model
             f"rms_norm_eps={eps}: transformers normalises MLA's q_a/kv_a latents with eps 1e-6 "
             "whatever rms_norm_eps says, Megatron with rms_norm_eps; only 1e-6 converts exactly"
         )
-    top_k, groups, topk_groups = need("num_experts_per_tok"), need("n_group"), need("topk_group")
-    if topk_groups < 1:
-        raise ConversionError(f"topk_group={topk_groups}; must be >= 1")
-    if groups > 1 and top_k // topk_groups != 2:
-        raise ConversionError(
-            f"num_experts_per_tok // topk_group = {top_k} // {topk_groups} != 2: DeepSeek-V3 scores "
-            "a group by its best 2 experts, Megatron-Core by its best top_k // topk_group"
-        )
     rope = rope_parameters(hf)
     if rope["rope_type"] not in ("default", "yarn"):
         raise ConversionError(f"rope type {rope['rope_type']!r}; 'default' or 'yarn' only")
     yarn = _yarn(rope) if rope["rope_type"] == "yarn" else None
     num_layers = need("num_hidden_layers")
-    expert_size = need("moe_intermediate_size")
-    shared = need("n_shared_experts", 1)
     return ModelConfig(
         num_layers=num_layers,
         hidden_size=need("hidden_size"),
@@ -118,16 +141,9 @@ def model_config(hf: Mapping[str, Any], *, post_moe_norm: bool = False) -> Model
             qk_pos_emb_head_dim=need("qk_rope_head_dim"),
             v_head_dim=need("v_head_dim"),
         ),
-        moe=MoEConfig(
-            num_experts=need("n_routed_experts"),
-            top_k=top_k,
-            expert_ffn_hidden_size=expert_size,
-            shared_expert_ffn_hidden_size=expert_size * shared if shared else None,
-            router="sigmoid_grouped",
-            num_groups=groups,
-            topk_groups=topk_groups,
-            expert_bias=True,
-            routing_scaling_factor=field(hf, "routed_scaling_factor", float, 1.0),
+        moe=grouped_sigmoid_moe(
+            hf,
+            "DeepSeek-V3",
             **_dense_placement(mlp_layer_types(hf, num_layers)),
             post_moe_norm=post_moe_norm,
         ),

@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from megatron_prefpack.models.config import ModelConfig, MoEConfig
+from megatron_prefpack.models.config import ModelConfig
 from megatron_prefpack.models.hf import standard
-from megatron_prefpack.models.hf.fields import REQUIRED, ConversionError, field
+from megatron_prefpack.models.hf.deepseek_v3 import grouped_sigmoid_moe
+from megatron_prefpack.models.hf.fields import ConversionError, field
 from megatron_prefpack.models.hf.mapping import (
     Architecture,
     LayerRules,
@@ -23,33 +24,10 @@ from megatron_prefpack.models.hf.mapping import (
 
 
 def model_config(hf: Mapping[str, Any]) -> ModelConfig:
-    def need(key: str, default: Any = REQUIRED) -> int:
-        return field(hf, key, int, default)
-
-    if not field(hf, "norm_topk_prob", bool, True):
-        raise ConversionError("norm_topk_prob=false; Megatron normalises sigmoid top-k weights")
-    top_k, groups, topk_groups = need("num_experts_per_tok"), need("n_group", 1), need("topk_group", 1)
-    if groups > 1 and top_k // topk_groups != 2:
-        raise ConversionError(
-            f"num_experts_per_tok // topk_group = {top_k} // {topk_groups} != 2: GLM-4.5 scores "
-            "a group by its best 2 experts, Megatron-Core by its best top_k // topk_group"
-        )
-    expert_size, shared = need("moe_intermediate_size"), need("n_shared_experts", 1)
     return ModelConfig(
         **standard.model_fields(hf, glm_attention=True),
         qk_layernorm=field(hf, "use_qk_norm", bool, False),
-        moe=MoEConfig(
-            num_experts=need("n_routed_experts"),
-            top_k=top_k,
-            expert_ffn_hidden_size=expert_size,
-            shared_expert_ffn_hidden_size=expert_size * shared if shared else None,
-            router="sigmoid_grouped",
-            num_groups=groups,
-            topk_groups=topk_groups,
-            expert_bias=True,
-            routing_scaling_factor=field(hf, "routed_scaling_factor", float, 1.0),
-            first_k_dense=need("first_k_dense_replace"),
-        ),
+        moe=grouped_sigmoid_moe(hf, "GLM-4.5", first_k_dense=field(hf, "first_k_dense_replace", int)),
     )
 
 
