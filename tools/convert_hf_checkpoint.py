@@ -86,26 +86,16 @@ def _agree_on_failure(error: str | None) -> bool:
 
 
 def _build_chunk(args: argparse.Namespace, cfg: ModelConfig) -> torch.nn.Module:
-    """This rank's model chunk; a pipeline or expert split Megatron refuses raises
-    ``ConversionError`` naming the flags."""
-    from megatron_prefpack.models.builder import build_model
-    from megatron_prefpack.models.config import to_transformer_config
-    from megatron_prefpack.models.hf import ConversionError
+    """This rank's model chunk; a split Megatron refuses raises ``ConversionError``."""
+    from megatron_prefpack.models.hf import build_slice
 
-    try:
-        tcfg = to_transformer_config(
-            cfg,
-            pipeline_parallel=args.pipeline,
-            expert_parallel=args.expert,
-            num_layers_in_first_pipeline_stage=args.first_stage_layers,
-            num_layers_in_last_pipeline_stage=args.last_stage_layers,
-        )
-    except ValueError as err:
-        raise ConversionError(
-            f"--pipeline {args.pipeline} --expert {args.expert} --first-stage-layers "
-            f"{args.first_stage_layers} --last-stage-layers {args.last_stage_layers}: {err}"
-        ) from err
-    return build_model(cfg, tcfg)
+    return build_slice(
+        cfg,
+        pipeline=args.pipeline,
+        expert=args.expert,
+        first_stage_layers=args.first_stage_layers,
+        last_stage_layers=args.last_stage_layers,
+    )
 
 
 def _report_unused(source: SafetensorsCheckpoint, used: set[str], cfg: ModelConfig) -> None:

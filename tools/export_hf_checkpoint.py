@@ -95,7 +95,7 @@ class Plan:
 def _checkpoint_model(load: Path) -> tuple[ModelConfig, bool, dict[str, int]]:
     """The model of checkpoint ``load``, whether it is a reward model, and the special token ids
     of the tokenizer its training data was made with (``bos/eos/pad_token_id``; empty when that
-    ``dataset.json`` is no longer readable)."""
+    ``dataset.json`` is no longer readable, or the checkpoint was converted, not trained)."""
     from megatron_prefpack.training import checkpoint
     from megatron_prefpack.training.config import ConfigError, config_from_yaml, model_config
 
@@ -106,7 +106,8 @@ def _checkpoint_model(load: Path) -> tuple[ModelConfig, bool, dict[str, int]]:
         cfg = model_config(train_cfg)
     except (checkpoint.CheckpointError, ConfigError) as err:
         raise ExportError(str(err)) from err
-    return cfg, state.objective == "rm", _training_token_ids(Path(train_cfg.data.path))
+    token_ids = _training_token_ids(Path(train_cfg.data.path)) if train_cfg.data.path else {}
+    return cfg, state.objective == "rm", token_ids
 
 
 def _training_token_ids(data: Path) -> dict[str, int]:
@@ -221,23 +222,17 @@ def plan_export(args: argparse.Namespace) -> Plan:
 
 
 def _build_chunk(args: argparse.Namespace, plan: Plan) -> torch.nn.Module:
-    from megatron_prefpack.models.builder import build_model
-    from megatron_prefpack.models.config import to_transformer_config
+    """This rank's model chunk (with the reward head of a reward model); a split Megatron
+    refuses raises ``ConversionError`` naming the flags."""
+    from megatron_prefpack.models.hf import build_slice
 
-    try:
-        tcfg = to_transformer_config(
-            plan.cfg,
-            pipeline_parallel=args.pipeline,
-            expert_parallel=args.expert,
-            num_layers_in_first_pipeline_stage=args.first_stage_layers,
-            num_layers_in_last_pipeline_stage=args.last_stage_layers,
-        )
-    except ValueError as err:
-        raise ExportError(
-            f"--pipeline {args.pipeline} --expert {args.expert} --first-stage-layers "
-            f"{args.first_stage_layers} --last-stage-layers {args.last_stage_layers}: {err}"
-        ) from err
-    model = build_model(plan.cfg, tcfg)
+    model = build_slice(
+        plan.cfg,
+        pipeline=args.pipeline,
+        expert=args.expert,
+        first_stage_layers=args.first_stage_layers,
+        last_stage_layers=args.last_stage_layers,
+    )
     if plan.reward:
         from megatron_prefpack.losses.reward import attach_reward_head
 
@@ -338,7 +333,7 @@ def _export(args: argparse.Namespace, plan: Plan) -> int:
     try:
         model = _build_chunk(args, plan)
         checkpoint.load(args.load, [model], restore_rng=False)
-    except (ExportError, checkpoint.CheckpointError) as err:
+    except (ConversionError, checkpoint.CheckpointError) as err:
         error = str(err)
     if _agree_on_failure(error):
         return 2

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import random
@@ -257,10 +258,10 @@ def _read_manifest(ckpt: Path) -> list[_FileRecord]:
             f"{path}: missing: {ckpt} is not a complete checkpoint (its save did not finish, or "
             "it was written before checkpoints had manifests: see checkpoint.write_manifest)"
         )
+    data = read_json_object(path, CheckpointError)
     try:
-        data = json.loads(path.read_bytes())
         return [_FileRecord(str(r["path"]), int(r["size"]), str(r["sha256"])) for r in data["files"]]
-    except (OSError, ValueError, TypeError, KeyError) as err:
+    except (ValueError, TypeError, KeyError) as err:
         raise CheckpointError(f"{path}: not a valid manifest ({type(err).__name__}: {err})") from None
 
 
@@ -636,10 +637,9 @@ def _rank_state_file(ckpt: Path) -> Path:
 def _write_rank_state(ckpt: Path) -> None:
     path = _rank_state_file(ckpt)
     path.parent.mkdir(exist_ok=True)
-    with open(path, "wb") as f:
-        torch.save(_rng_state(), f)
-        f.flush()
-        os.fsync(f.fileno())
+    buffer = io.BytesIO()
+    torch.save(_rng_state(), buffer)
+    _write_bytes(path, buffer.getvalue())
 
 
 def _restore_rng(ckpt: Path) -> None:

@@ -186,8 +186,12 @@ def apply_optimizer_settings(optimizer: Any, cfg: TrainConfig) -> None:
         for group in member.optimizer.param_groups:
             group["betas"] = (opt.adam_beta1, opt.adam_beta2)
             group["eps"] = opt.adam_eps
-            updates = {"max_lr": opt.lr, "min_lr": opt.min_lr}
-            updates.update({"start_wd": opt.weight_decay, "end_wd": opt.weight_decay})
+            updates = {
+                "max_lr": opt.lr,
+                "min_lr": opt.min_lr,
+                "start_wd": opt.weight_decay,
+                "end_wd": opt.weight_decay,
+            }
             for key, value in updates.items():
                 if group.get(key) is not None:
                     group[key] = value

@@ -324,22 +324,22 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         objective, keys = _objective(cfg)
         is_rm = cfg.objective.type == "rm"
         load, resume = _starting_point(cfg, log)
-        start_state = checkpoint.read_state(load) if load is not None else None
+        start = checkpoint.resolve(load) if load is not None else None  # the iteration dir
+        start_state = checkpoint.read_state(start) if start is not None else None
         optimizer_cfg = cfg  # the settings the optimizer is built with (a resume: the checkpoint's)
         override_schedule = False
-        if resume and start_state is not None:
-            where = checkpoint.resolve(load)
-            saved = config_from_yaml(start_state.config_yaml, f"{where}/prefpack.json")
-            override_schedule = _check_resume_config(cfg, saved, where, log)
+        if resume:
+            saved = config_from_yaml(start_state.config_yaml, f"{start}/{checkpoint.META}")
+            override_schedule = _check_resume_config(cfg, saved, start, log)
             optimizer_cfg = saved
         # A reward-model checkpoint carries its head (attach, then load); a language-model
         # checkpoint does not (load, then attach a fresh head).
         head_first = is_rm and (start_state is None or start_state.objective == "rm")
         head_std = cfg.objective.rm.head_init_std
         chunks = build_chunks(model_cfg, tcfg, reward_head=head_first, head_init_std=head_std)
-        if load is not None and not resume:
-            checkpoint.load(load, chunks, restore_rng=False)
-            log.info(f"started from the weights of {checkpoint.resolve(load)}")
+        if start is not None and not resume:
+            checkpoint.load(start, chunks, restore_rng=False)
+            log.info(f"started from the weights of {start}")
         if is_rm and not head_first:
             attach_reward_heads(chunks, head_std)
         reference_chunks = None
@@ -369,13 +369,13 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         # 4. resume: weights, optimizer, schedule, data position, RNG
         step, consumed_rows = 0, 0
         if resume:
-            state = checkpoint.load(load, model, optimizer, restore_rng=True)
+            state = checkpoint.load(start, model, optimizer, restore_rng=True)
             step, consumed_rows = state.step, state.consumed_rows
             apply_optimizer_settings(optimizer, cfg)
             # Megatron's schedule keeps the checkpoint's values unless told to override them.
             scheduler.override_opt_param_scheduler = override_schedule
             scheduler.load_state_dict(state.scheduler)
-            log.info(f"resumed from {checkpoint.resolve(load)} at step {step}")
+            log.info(f"resumed from {start} at step {step}")
 
         # 5. reference log-probs
         forward = make_model_forward(model_cfg)
@@ -415,8 +415,8 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         result = TrainResult(steps=step)
         start_step = step
         saved_step = None  # the step of the newest checkpoint in the save dir, once there is one
-        if resume and checkpoint.resolve(load).parent.resolve() == cfg.save_dir.resolve():
-            saved_step, result.checkpoint = step, checkpoint.resolve(load)
+        if resume and start.parent.resolve() == cfg.save_dir.resolve():
+            saved_step, result.checkpoint = step, start
 
         def run_eval() -> None:
             """Evaluate the held-out split in pieces of one step's micro-batches; a SIGTERM

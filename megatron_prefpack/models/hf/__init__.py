@@ -17,7 +17,7 @@ from megatron_prefpack.models.hf import axk1, deepseek_v3, glm4_moe, llama, qwen
 from megatron_prefpack.models.hf.fields import ConversionError
 from megatron_prefpack.models.hf.mapping import Architecture
 from megatron_prefpack.models.hf.safetensors_io import SafetensorsCheckpoint
-from megatron_prefpack.models.hf.transfer import fill_model, hf_tensors
+from megatron_prefpack.models.hf.transfer import build_slice, fill_model, hf_tensors
 
 ARCHITECTURES: dict[str, Architecture] = {
     m.ARCHITECTURE.model_type: m.ARCHITECTURE for m in (deepseek_v3, axk1, llama, qwen3, qwen3_moe, glm4_moe)
@@ -32,6 +32,7 @@ __all__ = [
     "ConversionError",
     "SafetensorsCheckpoint",
     "architecture",
+    "build_slice",
     "fill_model",
     "generated_hf_config",
     "hf_tensors",

@@ -21,6 +21,36 @@ from megatron_prefpack.models.hf.mapping import Architecture, ModelMapping
 from megatron_prefpack.models.hf.safetensors_io import SafetensorsCheckpoint
 
 
+def build_slice(
+    cfg: ModelConfig,
+    *,
+    pipeline: int,
+    expert: int,
+    first_stage_layers: int | None,
+    last_stage_layers: int | None,
+) -> torch.nn.Module:
+    """This rank's tensor-parallel-1 model chunk for a pipeline x expert split (the parallel
+    state must already have that layout); a split Megatron refuses raises
+    :class:`ConversionError` naming the command-line flags that asked for it."""
+    from megatron_prefpack.models.builder import build_model
+    from megatron_prefpack.models.config import to_transformer_config
+
+    try:
+        tcfg = to_transformer_config(
+            cfg,
+            pipeline_parallel=pipeline,
+            expert_parallel=expert,
+            num_layers_in_first_pipeline_stage=first_stage_layers,
+            num_layers_in_last_pipeline_stage=last_stage_layers,
+        )
+    except ValueError as err:
+        raise ConversionError(
+            f"--pipeline {pipeline} --expert {expert} --first-stage-layers {first_stage_layers} "
+            f"--last-stage-layers {last_stage_layers}: {err}"
+        ) from err
+    return build_model(cfg, tcfg)
+
+
 def _check_tensor_parallel_1() -> None:
     from megatron.core import parallel_state
 
