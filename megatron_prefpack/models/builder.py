@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import importlib.util
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron_prefpack.models.config import ModelConfig, to_transformer_config
 from megatron_prefpack.models.moe import PadAwareTopKRouter, PostNormMoELayer
 from megatron_prefpack.models.rope import PositionFollowingGPTModel, PositionFollowingMLASelfAttention
+from megatron_prefpack.platform.features import has_transformer_engine, installed
 
 _GPT_POSITION_EMBEDDING = {"rope": "rope", "yarn": "rope", "learned": "learned_absolute"}
 """``ModelConfig.position_embedding`` -> GPTModel's. MLA applies its own (YaRN) RoPE, so GPTModel
@@ -41,7 +41,7 @@ gets ``"rope"``, which it skips for MLA."""
 
 def use_transformer_engine() -> bool:
     """Whether the TE layer spec is used: CUDA present and Transformer Engine importable."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    return has_transformer_engine()
 
 
 def _mark_mla_without_te() -> None:
@@ -50,7 +50,7 @@ def _mark_mla_without_te() -> None:
     which raises while building MLA. Tell it the truth; 0.19.2 already gets this right."""
     from megatron.core.transformer import multi_latent_attention
 
-    if importlib.util.find_spec("transformer_engine") is None:
+    if not installed("transformer_engine"):
         multi_latent_attention.HAVE_TE = False
 
 

@@ -1,8 +1,9 @@
 """The training config: one YAML file, nested dataclasses behind it, command-line overrides.
 
 A config file has one mapping per section (``run``, ``data``, ``model``, ``parallel``,
-``optimizer``, ``objective``, ``reference``, ``checkpoint``); every key is optional except
-``data.path``. Overrides use dotted keys, ``--set optimizer.lr=1e-4`` or positional
+``performance``, ``ddp``, ``optimizer``, ``objective``, ``reference``, ``checkpoint``); every key is optional except
+``data.path``. ``performance`` and ``ddp`` carry Megatron's own speed and memory settings under
+their Megatron names. Overrides use dotted keys, ``--set optimizer.lr=1e-4`` or positional
 ``optimizer.lr=1e-4``, and are parsed with the field's type (``null`` means None).
 
 The ``model`` section names a preset and/or any :class:`~megatron_prefpack.models.ModelConfig`
@@ -95,6 +96,10 @@ class ParallelConfig:
     expert: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    pipeline_layout: str | None = None
+    """Megatron's ``pipeline_model_parallel_layout``: the layers of every (virtual) stage, e.g.
+    ``"Et*3|(tttt|)*14|ttL"`` (``E`` embedding, ``t`` a transformer layer, ``L`` output layer and
+    loss, ``|`` a stage boundary). Replaces ``first_stage_layers``/``last_stage_layers``."""
 
 
 @dataclass
@@ -112,6 +117,70 @@ class OptimizerConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    use_precision_aware_optimizer: bool = False
+    """Megatron's precision-aware optimizer (Transformer Engine's FusedAdam, GPU): Adam moments
+    kept in ``exp_avg_dtype`` / ``exp_avg_sq_dtype``."""
+    exp_avg_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    exp_avg_sq_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    optimizer_cpu_offload: bool = False
+    """Keep ``optimizer_offload_fraction`` of the optimizer state (and its step) on the CPU
+    (Megatron's HybridDeviceOptimizer; GPU, distributed optimizer)."""
+    optimizer_offload_fraction: float = 1.0
+
+
+RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "mlp", "moe", "moe_act", "shared_experts", "layernorm")
+
+
+@dataclass
+class PerformanceConfig:
+    """Speed and memory settings of Megatron's ``TransformerConfig``, under Megatron's names.
+
+    None of them changes what is computed (FP8 changes its precision): a run may resume with
+    other values. What needs a GPU, Transformer Engine or DeepEP is refused where they are
+    missing (:func:`check_config`). Kept off always: fused RoPE (it reads positions 0..S-1,
+    not the packed position ids) and Megatron's fused masked softmax (the prefix-shared
+    attention owns the mask)."""
+
+    recompute_granularity: Literal["full", "selective"] | None = None
+    """``full``: recompute whole layers (``recompute_method`` and ``recompute_num_layers``);
+    ``selective``: recompute ``recompute_modules`` only."""
+    recompute_method: Literal["uniform", "block"] | None = None
+    """``uniform``: layers in chunks of ``recompute_num_layers``, each chunk's input kept;
+    ``block``: the first ``recompute_num_layers`` layers of each pipeline stage recomputed."""
+    recompute_num_layers: int | None = None
+    recompute_modules: list[str] | None = None
+    """Selective recompute: any of ``core_attn``, ``mla_up_proj``, ``mlp``, ``moe``,
+    ``moe_act``, ``shared_experts``, ``layernorm`` (None: Megatron's default ``[core_attn]``)."""
+    moe_grouped_gemm: bool = False
+    """All local experts in one grouped GEMM (Transformer Engine's ``TEGroupedMLP``); its
+    checkpoints are interchangeable with the per-expert layout."""
+    moe_permute_fusion: bool = False
+    """Transformer Engine's fused token permutation."""
+    moe_token_dispatcher_type: Literal["alltoall", "allgather", "flex"] = "alltoall"
+    """``flex``: DeepEP (``deep_ep`` on a GPU)."""
+    moe_shared_expert_overlap: bool = False
+    """Run the shared expert on a side stream while tokens are dispatched (GPU, alltoall)."""
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    """FP8 GEMMs through Transformer Engine's layers (GPU, Hopper or newer)."""
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    tp_comm_overlap: bool = False
+    """Overlap tensor-parallel communication with GEMMs (Transformer Engine userbuffers; GPU,
+    tensor > 1 with sequence parallel)."""
+
+
+@dataclass
+class DDPConfig:
+    """Megatron ``DistributedDataParallelConfig`` settings, under Megatron's names."""
+
+    overlap_grad_reduce: bool = False
+    """Reduce gradient buckets while the backward pass still runs."""
+    overlap_param_gather: bool = False
+    """With the distributed optimizer: all-gather updated parameters bucket by bucket during
+    the next forward pass (needs ``overlap_grad_reduce``)."""
+    bucket_size: int | None = None
+    """Parameters per gradient bucket (None: Megatron's default)."""
+    grad_reduce_in_fp32: bool = True
+    """Keep and reduce gradients in fp32 (bf16/fp16 models)."""
 
 
 @dataclass
@@ -178,6 +247,8 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
     """A preset name (`preset: tiny-moe`) and/or `ModelConfig` fields, see :func:`model_config`."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
@@ -484,6 +555,9 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "optimizer.adam_beta1": _in_unit_interval(),
     "optimizer.adam_beta2": _in_unit_interval(),
     "optimizer.adam_eps": ("> 0", lambda value: value > 0),
+    "optimizer.optimizer_offload_fraction": ("in [0, 1]", lambda value: 0 <= value <= 1),
+    "performance.recompute_num_layers": _at_least(1),
+    "ddp.bucket_size": _at_least(1),
     "objective.rm.center_coefficient": _at_least(0),
     "objective.rm.head_init_std": ("> 0", lambda value: value > 0),
     "checkpoint.interval": _at_least(0),
@@ -539,6 +613,175 @@ def _check_values(cfg: TrainConfig) -> None:
             f"{cfg.data.micro_batch_size}",
             related=["data.micro_batch_size"],
         )
+    _check_performance(cfg)
+
+
+def _check_performance(cfg: TrainConfig) -> None:
+    """The speed and memory settings agree with each other and with the layout (Megatron's own
+    rules, checked here so they name the key before any work)."""
+    perf, ddp, opt, par = cfg.performance, cfg.ddp, cfg.optimizer, cfg.parallel
+    if perf.recompute_granularity == "full":
+        for key in ("recompute_method", "recompute_num_layers"):
+            if getattr(perf, key) is None:
+                raise config_error(
+                    cfg,
+                    f"performance.{key}",
+                    "required with recompute_granularity: full",
+                    related=["performance.recompute_granularity"],
+                )
+    else:
+        for key in ("recompute_method", "recompute_num_layers"):
+            if getattr(perf, key) is not None:
+                raise config_error(
+                    cfg,
+                    f"performance.{key}",
+                    "applies to recompute_granularity: full only",
+                    related=["performance.recompute_granularity"],
+                )
+    if perf.recompute_modules is not None:
+        if perf.recompute_granularity != "selective":
+            raise config_error(
+                cfg,
+                "performance.recompute_modules",
+                "applies to recompute_granularity: selective only",
+                related=["performance.recompute_granularity"],
+            )
+        unknown = [m for m in perf.recompute_modules if m not in RECOMPUTE_MODULES]
+        if unknown or not perf.recompute_modules:
+            raise config_error(
+                cfg,
+                "performance.recompute_modules",
+                f"{unknown[0] if unknown else 'an empty list'!r} is not a module Megatron recomputes; "
+                f"choose from {', '.join(RECOMPUTE_MODULES)}",
+            )
+        if "moe_act" in perf.recompute_modules and not perf.moe_grouped_gemm:
+            raise config_error(
+                cfg,
+                "performance.recompute_modules",
+                "'moe_act' needs performance.moe_grouped_gemm: true",
+                related=["performance.moe_grouped_gemm"],
+            )
+        if "shared_experts" in perf.recompute_modules and perf.moe_shared_expert_overlap:
+            raise config_error(
+                cfg,
+                "performance.recompute_modules",
+                "'shared_experts' cannot be recomputed with performance.moe_shared_expert_overlap",
+                related=["performance.moe_shared_expert_overlap"],
+            )
+    if perf.moe_shared_expert_overlap and perf.moe_token_dispatcher_type != "alltoall":
+        raise config_error(
+            cfg,
+            "performance.moe_shared_expert_overlap",
+            "needs moe_token_dispatcher_type: alltoall",
+            related=["performance.moe_token_dispatcher_type"],
+        )
+    if perf.tp_comm_overlap and not (par.tensor > 1 and par.sequence_parallel):
+        raise config_error(
+            cfg,
+            "performance.tp_comm_overlap",
+            "needs parallel.tensor > 1 with sequence_parallel: true",
+            related=["parallel.tensor", "parallel.sequence_parallel"],
+        )
+    if ddp.overlap_param_gather and not (par.distributed_optimizer and ddp.overlap_grad_reduce):
+        raise config_error(
+            cfg,
+            "ddp.overlap_param_gather",
+            "needs parallel.distributed_optimizer: true and ddp.overlap_grad_reduce: true",
+            related=["parallel.distributed_optimizer", "ddp.overlap_grad_reduce"],
+        )
+    if opt.optimizer_cpu_offload and not par.distributed_optimizer:
+        raise config_error(
+            cfg,
+            "optimizer.optimizer_cpu_offload",
+            "needs parallel.distributed_optimizer: true",
+            related=["parallel.distributed_optimizer"],
+        )
+    for key in ("exp_avg_dtype", "exp_avg_sq_dtype"):
+        if getattr(opt, key) != "float32" and not opt.use_precision_aware_optimizer:
+            raise config_error(
+                cfg,
+                f"optimizer.{key}",
+                "needs optimizer.use_precision_aware_optimizer: true",
+                related=["optimizer.use_precision_aware_optimizer"],
+            )
+    if par.pipeline_layout is not None:
+        for key in ("first_stage_layers", "last_stage_layers"):
+            if getattr(par, key) is not None:
+                raise config_error(
+                    cfg,
+                    f"parallel.{key}",
+                    "give parallel.pipeline_layout or first/last_stage_layers, not both",
+                    related=["parallel.pipeline_layout"],
+                )
+        if par.pipeline < 2:
+            raise config_error(
+                cfg, "parallel.pipeline_layout", "needs parallel.pipeline >= 2", related=["parallel.pipeline"]
+            )
+
+
+_NEEDS: dict[str, tuple[Callable[[TrainConfig], bool], tuple[str, ...]]] = {
+    "performance.moe_grouped_gemm": (
+        lambda c: c.performance.moe_grouped_gemm,
+        ("cuda", "transformer_engine"),
+    ),
+    "performance.moe_permute_fusion": (
+        lambda c: c.performance.moe_permute_fusion,
+        ("cuda", "transformer_engine"),
+    ),
+    "performance.moe_token_dispatcher_type": (
+        lambda c: c.performance.moe_token_dispatcher_type == "flex",
+        ("cuda", "deep_ep"),
+    ),
+    "performance.moe_shared_expert_overlap": (lambda c: c.performance.moe_shared_expert_overlap, ("cuda",)),
+    "performance.fp8": (lambda c: c.performance.fp8 is not None, ("cuda", "transformer_engine")),
+    "performance.tp_comm_overlap": (lambda c: c.performance.tp_comm_overlap, ("cuda", "transformer_engine")),
+    "optimizer.use_precision_aware_optimizer": (
+        lambda c: c.optimizer.use_precision_aware_optimizer,
+        ("cuda", "transformer_engine"),
+    ),
+    "optimizer.optimizer_cpu_offload": (lambda c: c.optimizer.optimizer_cpu_offload, ("cuda",)),
+}
+"""Setting -> (whether the config turns it on, what it needs on this machine)."""
+
+
+def _check_runtime_support(cfg: TrainConfig, model: Any) -> None:
+    """Settings this machine or model cannot run are refused, naming the key and the reason."""
+    from megatron_prefpack.platform.features import missing_for
+
+    for key, (enabled, needs) in _NEEDS.items():
+        reason = missing_for(needs) if enabled(cfg) else None
+        if reason:
+            raise config_error(cfg, key, reason)
+    perf = cfg.performance
+    defaults = PerformanceConfig()
+    moe_keys = [
+        key
+        for key in (
+            "moe_grouped_gemm",
+            "moe_permute_fusion",
+            "moe_token_dispatcher_type",
+            "moe_shared_expert_overlap",
+        )
+        if getattr(perf, key) != getattr(defaults, key)
+    ]
+    if moe_keys and model.moe is None:
+        raise config_error(
+            cfg, f"performance.{moe_keys[0]}", "applies to MoE models; this model has no experts"
+        )
+    modules = set(perf.recompute_modules or ())
+    needs_moe = sorted(modules & {"moe", "moe_act", "shared_experts"})
+    if needs_moe and model.moe is None:
+        raise config_error(cfg, "performance.recompute_modules", f"{needs_moe[0]!r} needs an MoE model")
+    if "shared_experts" in modules and not model.moe.shared_expert_ffn_hidden_size:
+        raise config_error(
+            cfg, "performance.recompute_modules", "'shared_experts': the model has no shared expert"
+        )
+    if perf.moe_shared_expert_overlap and not model.moe.shared_expert_ffn_hidden_size:
+        raise config_error(cfg, "performance.moe_shared_expert_overlap", "the model has no shared expert")
+    if "mla_up_proj" in modules and model.mla is None:
+        raise config_error(
+            cfg, "performance.recompute_modules", "'mla_up_proj' needs an MLA model (model.mla)"
+        )
 
 
 def _check_files(cfg: TrainConfig) -> None:
@@ -552,12 +795,13 @@ def _check_files(cfg: TrainConfig) -> None:
 
 
 def check_config(cfg: TrainConfig, check_reference: bool = True) -> None:
-    """Checks that need no world size: values in range, files present, model resolvable."""
+    """Checks that need no world size: values in range, files present, model resolvable,
+    the performance settings runnable on this machine and model."""
     _check_values(cfg)
     _check_files(cfg)
     if check_reference:
         _check_reference(cfg)
-    model_config(cfg)
+    _check_runtime_support(cfg, model_config(cfg))
 
 
 def _check_reference(cfg: TrainConfig) -> None:
@@ -706,9 +950,13 @@ def check_parallel_layout(cfg: TrainConfig, world_size: int, model: Any) -> int:
 
 
 def _check_pipeline_split(cfg: TrainConfig, num_layers: int) -> None:
-    """The layers split over the pipeline stages: evenly, or with ``first_stage_layers`` /
-    ``last_stage_layers`` set and the rest shared evenly by the middle stages."""
+    """The layers split over the pipeline stages: evenly, with ``first_stage_layers`` /
+    ``last_stage_layers`` set and the rest shared evenly by the middle stages, or as
+    ``pipeline_layout`` says."""
     par = cfg.parallel
+    if par.pipeline_layout is not None:
+        _check_pipeline_layout(cfg, num_layers)
+        return
     edges = {"first_stage_layers": par.first_stage_layers, "last_stage_layers": par.last_stage_layers}
     given = {key: value for key, value in edges.items() if value is not None}
     if not given:
@@ -752,6 +1000,35 @@ def _check_pipeline_split(cfg: TrainConfig, num_layers: int) -> None:
         )
 
 
+def _check_pipeline_layout(cfg: TrainConfig, num_layers: int) -> None:
+    """``parallel.pipeline_layout`` parses with Megatron's own parser, places every layer once
+    (embedding first, loss last) and its number of virtual stages is ``parallel.virtual_pipeline``."""
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+    par = cfg.parallel
+    try:
+        layout = PipelineParallelLayerLayout(par.pipeline_layout, par.pipeline)
+        layout.validate_layer_layout(num_layers, None)
+    except (AssertionError, ValueError, KeyError) as err:
+        raise config_error(
+            cfg,
+            "parallel.pipeline_layout",
+            f"{par.pipeline_layout!r} is not a layout of {num_layers} layers over {par.pipeline} "
+            f"stages: {err}",
+            related=["parallel.pipeline", "model.num_layers"],
+        ) from None
+    virtual = layout.virtual_pipeline_model_parallel_size
+    if (par.virtual_pipeline or 1) != virtual:
+        raise config_error(
+            cfg,
+            "parallel.virtual_pipeline",
+            f"{par.virtual_pipeline} but parallel.pipeline_layout has {virtual} virtual stage(s) per "
+            f"rank ({len(layout.flatten_layout)} entries over {par.pipeline} stages); set "
+            f"parallel.virtual_pipeline: {virtual if virtual > 1 else 'null'}",
+            related=["parallel.pipeline_layout"],
+        )
+
+
 def to_yaml(cfg: TrainConfig) -> str:
     """The resolved config as YAML (written into the run dir and checkpoints)."""
     data = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_KEYS}
@@ -775,14 +1052,30 @@ class Change(NamedTuple):
 
 @dataclass
 class ResumeChanges:
-    """What differs on resume: ``refused`` changes stop the run, ``applied`` ones are taken."""
+    """What differs on resume: ``refused`` changes stop the run, ``applied`` ones are taken into
+    the resumed optimizer and schedule, ``noted`` ones take effect as they are and are announced."""
 
     refused: list[Change] = field(default_factory=list)
     applied: list[Change] = field(default_factory=list)
+    noted: list[Change] = field(default_factory=list)
 
 
-_REFUSED_ON_RESUME = ("data", "model", "parallel", "objective", "reference.mode", "run.seed")
+_REFUSED_ON_RESUME = (
+    "data",
+    "model",
+    "parallel",
+    "objective",
+    "reference.mode",
+    "run.seed",
+    # The layout of the saved optimizer state.
+    "optimizer.use_precision_aware_optimizer",
+    "optimizer.exp_avg_dtype",
+    "optimizer.exp_avg_sq_dtype",
+    "optimizer.optimizer_cpu_offload",
+    "optimizer.optimizer_offload_fraction",
+)
 _APPLIED_ON_RESUME = ("optimizer",)
+_NOTED_ON_RESUME = ("performance", "ddp")
 
 
 def _under(key: str, roots: Iterable[str]) -> bool:
@@ -806,8 +1099,12 @@ def resume_changes(saved: TrainConfig, current: TrainConfig) -> ResumeChanges:
       any change in ``data.*`` (``data.path`` compared as written), the model (its resolved
       ``ModelConfig``, not the way the config spells it), ``parallel.*``, ``objective.*``,
       ``reference.mode`` and ``run.seed``;
-    * applied (the trainer takes them into the resumed schedule and announces them):
-      ``optimizer.*``;
+      and the optimizer state's layout (``optimizer.use_precision_aware_optimizer``, the moment
+      dtypes, CPU offload);
+    * applied (the trainer takes them into the resumed schedule and announces them): the other
+      ``optimizer.*`` settings;
+    * noted (they change speed and memory, not what is trained; announced): ``performance.*``
+      and ``ddp.*``;
     * free, not reported: everything else (``run.train_steps``, intervals, ``run.dir``,
       ``run.tensorboard``, ``run.timeout_minutes``, ``run.max_nonfinite_steps``,
       ``checkpoint.*``, ``reference.path`` / ``reference.load``).
@@ -816,7 +1113,9 @@ def resume_changes(saved: TrainConfig, current: TrainConfig) -> ResumeChanges:
     model does not resolve."""
     old, new = _settings(saved), _settings(current)
     changes = [Change(key, old.get(key), new.get(key)) for key in old | new if old.get(key) != new.get(key)]
+    refused = [change for change in changes if _under(change.key, _REFUSED_ON_RESUME)]
     return ResumeChanges(
-        refused=[change for change in changes if _under(change.key, _REFUSED_ON_RESUME)],
-        applied=[change for change in changes if _under(change.key, _APPLIED_ON_RESUME)],
+        refused=refused,
+        applied=[c for c in changes if _under(c.key, _APPLIED_ON_RESUME) and c not in refused],
+        noted=[c for c in changes if _under(c.key, _NOTED_ON_RESUME)],
     )

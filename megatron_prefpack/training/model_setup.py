@@ -47,7 +47,7 @@ def make_model_forward(model_cfg: Any) -> Any:
 
 def transformer_config(cfg: TrainConfig, model_cfg: ModelConfig) -> Any:
     """Megatron's TransformerConfig for ``model_cfg`` under ``cfg.parallel`` (expert TP = TP,
-    uneven first/last pipeline stages as configured)."""
+    the pipeline split as configured) with ``cfg.performance``'s settings."""
     from megatron_prefpack.models.config import to_transformer_config
 
     par = cfg.parallel
@@ -62,7 +62,33 @@ def transformer_config(cfg: TrainConfig, model_cfg: ModelConfig) -> Any:
         virtual_pipeline_parallel=par.virtual_pipeline,
         num_layers_in_first_pipeline_stage=par.first_stage_layers,
         num_layers_in_last_pipeline_stage=par.last_stage_layers,
+        pipeline_model_parallel_layout=par.pipeline_layout,
+        **performance_settings(cfg, model_cfg),
     )
+
+
+def performance_settings(cfg: TrainConfig, model_cfg: ModelConfig) -> dict[str, Any]:
+    """``cfg.performance`` as TransformerConfig keyword arguments (MoE keys for MoE models only;
+    FP8 and TP-overlap keys only when set, so CPU configs stay as Megatron's defaults)."""
+    perf = cfg.performance
+    settings: dict[str, Any] = dict(
+        recompute_granularity=perf.recompute_granularity,
+        recompute_method=perf.recompute_method,
+        recompute_num_layers=perf.recompute_num_layers,
+        recompute_modules=list(perf.recompute_modules) if perf.recompute_modules is not None else None,
+    )
+    if model_cfg.moe is not None:
+        settings.update(
+            moe_grouped_gemm=perf.moe_grouped_gemm,
+            moe_permute_fusion=perf.moe_permute_fusion,
+            moe_token_dispatcher_type=perf.moe_token_dispatcher_type,
+            moe_shared_expert_overlap=perf.moe_shared_expert_overlap,
+        )
+    if perf.fp8 is not None:
+        settings.update(fp8=perf.fp8, fp8_recipe=perf.fp8_recipe)
+    if perf.tp_comm_overlap:
+        settings.update(tp_comm_overlap=True)
+    return settings
 
 
 def build_chunks(

@@ -183,7 +183,8 @@ def _starting_point(cfg: TrainConfig, log: Any) -> tuple[str | Path | None, bool
 def _check_resume_config(cfg: TrainConfig, saved: TrainConfig, where: Path, log: Any) -> bool:
     """Compare the resumed checkpoint's config ``saved`` with this run's: data, model, parallel
     layout, objective or seed changes are refused (``ConfigError`` listing them); optimizer
-    changes are announced and returned True (the caller applies them)."""
+    changes are announced and returned True (the caller applies them); performance and DDP
+    changes are announced."""
     from megatron_prefpack.training.config import resume_changes
 
     changes = resume_changes(saved, cfg)
@@ -196,6 +197,8 @@ def _check_resume_config(cfg: TrainConfig, saved: TrainConfig, where: Path, log:
         )
     for change in changes.applied:
         log.info(f"resume: applying the changed optimizer setting {change}")
+    for change in changes.noted:
+        log.info(f"resume: changed speed/memory setting {change}")
     return bool(changes.applied)
 
 
