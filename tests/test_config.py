@@ -21,6 +21,13 @@ from megatron_prefpack.training.config import (
     to_yaml,
 )
 
+
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))
 
 BASE = """\
@@ -520,3 +527,202 @@ def test_model_hf_config_errors_name_the_key(config_file, tmp_path):
     missing = error_of(config_file(base=base), [f"model.hf_config={tmp_path / 'nowhere'}"])
     assert f"override 'model.hf_config={tmp_path / 'nowhere'}': model.hf_config: " in missing
     assert "config.json" in missing
+
+
+# ----------------------------------------------------------------------------- performance settings
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["performance.recompute_granularity=full"],
+            "performance.recompute_method: required with recompute_granularity: full",
+        ),
+        (
+            ["performance.recompute_method=block"],
+            "performance.recompute_method: applies to recompute_granularity: full only",
+        ),
+        (
+            ["performance.recompute_modules=[core_attn]"],
+            "performance.recompute_modules: applies to recompute_granularity: selective only",
+        ),
+        (
+            ["performance.recompute_granularity=selective", "performance.recompute_modules=[attn]"],
+            "'attn' is not a module Megatron recomputes; choose from core_attn",
+        ),
+        (
+            ["performance.recompute_granularity=selective", "performance.recompute_modules=[moe_act]"],
+            "'moe_act' needs performance.moe_grouped_gemm: true",
+        ),
+        (
+            [
+                "performance.recompute_granularity=full",
+                "performance.recompute_method=uniform",
+                "performance.recompute_num_layers=0",
+            ],
+            "performance.recompute_num_layers: must be >= 1, got 0",
+        ),
+        (["ddp.overlap_param_gather=true"], "ddp.overlap_param_gather: needs parallel.distributed_optimizer"),
+        (["ddp.bucket_size=0"], "ddp.bucket_size: must be >= 1, got 0"),
+        (["optimizer.exp_avg_dtype=bfloat16"], "needs optimizer.use_precision_aware_optimizer: true"),
+        (["optimizer.optimizer_offload_fraction=1.5"], "must be a finite number in [0, 1], got 1.5"),
+        (["optimizer.optimizer_cpu_offload=true"], "needs parallel.distributed_optimizer: true"),
+        (["performance.tp_comm_overlap=true"], "needs parallel.tensor > 1 with sequence_parallel: true"),
+        (
+            ["performance.moe_token_dispatcher_type=allgather", "performance.moe_shared_expert_overlap=true"],
+            "performance.moe_shared_expert_overlap: needs moe_token_dispatcher_type: alltoall",
+        ),
+        (
+            ["parallel.pipeline=2", "parallel.first_stage_layers=1", "parallel.pipeline_layout=Et|tttL"],
+            "give parallel.pipeline_layout or first/last_stage_layers, not both",
+        ),
+        (["parallel.pipeline_layout=Ett|ttL"], "parallel.pipeline_layout: needs parallel.pipeline >= 2"),
+    ],
+)
+def test_performance_settings_that_disagree_are_refused(config_file, overrides, expected):
+    message = error_of(config_file(), overrides)
+    assert expected in message
+    assert message.startswith("override '")
+
+
+@pytest.mark.skipif(torch_has_cuda(), reason="checks the refusals of a machine without a GPU")
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["performance.moe_grouped_gemm=true"], "performance.moe_grouped_gemm: needs a CUDA GPU"),
+        (["performance.moe_permute_fusion=true"], "performance.moe_permute_fusion: needs a CUDA GPU"),
+        (["performance.moe_token_dispatcher_type=flex"], "needs a CUDA GPU and DeepEP (deep_ep)"),
+        (["performance.moe_shared_expert_overlap=true"], "moe_shared_expert_overlap: needs a CUDA GPU"),
+        (["performance.fp8=e4m3"], "performance.fp8: needs a CUDA GPU and Transformer Engine"),
+        (
+            ["parallel.tensor=2", "parallel.sequence_parallel=true", "performance.tp_comm_overlap=true"],
+            "performance.tp_comm_overlap: needs a CUDA GPU",
+        ),
+        (["optimizer.use_precision_aware_optimizer=true"], "use_precision_aware_optimizer: needs a CUDA GPU"),
+        (
+            ["parallel.distributed_optimizer=true", "optimizer.optimizer_cpu_offload=true"],
+            "optimizer.optimizer_cpu_offload: needs a CUDA GPU",
+        ),
+    ],
+)
+def test_gpu_only_settings_are_refused_without_a_gpu(config_file, overrides, expected):
+    assert expected in error_of(config_file(), overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["performance.moe_token_dispatcher_type=allgather"],
+            "applies to MoE models; this model has no experts",
+        ),
+        (
+            ["performance.recompute_granularity=selective", "performance.recompute_modules=[moe]"],
+            "'moe' needs an MoE model",
+        ),
+        (
+            ["performance.recompute_granularity=selective", "performance.recompute_modules=[mla_up_proj]"],
+            "'mla_up_proj' needs an MLA model",
+        ),
+    ],
+)
+def test_settings_the_model_does_not_have_are_refused(config_file, overrides, expected):
+    assert expected in error_of(config_file(), ["model.preset=tiny-dense", *overrides])
+
+
+def test_settings_reach_megatrons_transformer_config(config_file):
+    from megatron_prefpack.training.model_setup import transformer_config
+
+    cfg = load_config(
+        config_file(),
+        [
+            "performance.recompute_granularity=selective",
+            "performance.recompute_modules=[core_attn, moe]",
+            "performance.moe_token_dispatcher_type=allgather",
+        ],
+    )
+    tcfg = transformer_config(cfg, model_config(cfg))
+    assert tcfg.recompute_granularity == "selective"
+    assert tcfg.recompute_modules == ["core_attn", "moe"]
+    assert tcfg.moe_token_dispatcher_type == "allgather"
+    assert not tcfg.apply_rope_fusion  # RoPE must follow the packed position ids
+    full = apply_override(
+        apply_override(
+            apply_override(cfg, "performance.recompute_granularity=full"),
+            "performance.recompute_modules=null",
+        ),
+        "performance.recompute_method=block",
+    )
+    full = apply_override(full, "performance.recompute_num_layers=2")
+    tcfg = transformer_config(full, model_config(full))
+    assert (tcfg.recompute_granularity, tcfg.recompute_method, tcfg.recompute_num_layers) == (
+        "full",
+        "block",
+        2,
+    )
+
+
+@pytest.mark.parametrize(
+    ("layout", "virtual", "expected"),
+    [
+        ("Et|tttL", None, None),
+        ("Et|t|t|tL", 2, None),
+        ("Et|t|t|tL", None, "parallel.virtual_pipeline: None but parallel.pipeline_layout has 2 virtual"),
+        ("Et|ttL", None, "is not a layout of 4 layers over 2 stages"),
+        ("tt|ttL", None, "is not a layout of 4 layers over 2 stages"),
+        ("Et|tt|tL", None, "is not a layout of 4 layers over 2 stages"),
+    ],
+)
+def test_pipeline_layout_is_checked_with_megatrons_parser(config_file, layout, virtual, expected):
+    overrides = [
+        "parallel.pipeline=2",
+        f"parallel.pipeline_layout={layout}",
+        f"parallel.virtual_pipeline={virtual}",
+    ]
+    cfg = load_config(config_file(), [o.replace("=None", "=null") for o in overrides])
+    if expected is None:
+        assert check_parallel_layout(cfg, 2, model_config(cfg)) == 1
+    else:
+        with pytest.raises(ConfigError) as info:
+            check_parallel_layout(cfg, 2, model_config(cfg))
+        assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "refused", "noted"),
+    [
+        (
+            "performance.recompute_granularity=selective",
+            [],
+            ["performance.recompute_granularity: None -> selective"],
+        ),
+        (
+            "performance.moe_token_dispatcher_type=allgather",
+            [],
+            ["performance.moe_token_dispatcher_type: alltoall -> allgather"],
+        ),
+        ("ddp.overlap_grad_reduce=true", [], ["ddp.overlap_grad_reduce: False -> True"]),
+        ("ddp.bucket_size=1000", [], ["ddp.bucket_size: None -> 1000"]),
+        (
+            "optimizer.use_precision_aware_optimizer=true",
+            ["optimizer.use_precision_aware_optimizer: False -> True"],
+            [],
+        ),
+        (
+            "optimizer.optimizer_offload_fraction=0.5",
+            ["optimizer.optimizer_offload_fraction: 1.0 -> 0.5"],
+            [],
+        ),
+        ("parallel.pipeline_layout=Et|tttL", ["parallel.pipeline_layout: None -> Et|tttL"], []),
+    ],
+)
+def test_resume_notes_speed_settings_and_refuses_optimizer_state_layout(
+    config_file, override, refused, noted
+):
+    saved = load_config(config_file())
+    current = apply_override(saved, override)
+    changes = resume_changes(saved, current)
+    assert [str(c) for c in changes.refused] == refused
+    assert [str(c) for c in changes.noted] == noted
+    assert changes.applied == []
