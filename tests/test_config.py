@@ -601,6 +601,10 @@ def test_performance_settings_that_disagree_are_refused(config_file, overrides, 
         ),
         (["optimizer.use_precision_aware_optimizer=true"], "use_precision_aware_optimizer: needs a CUDA GPU"),
         (
+            ["performance.gradient_accumulation_fusion=true"],
+            "needs a CUDA GPU and apex's fused_weight_gradient_mlp_cuda",
+        ),
+        (
             ["parallel.distributed_optimizer=true", "optimizer.optimizer_cpu_offload=true"],
             "optimizer.optimizer_cpu_offload: needs a CUDA GPU",
         ),

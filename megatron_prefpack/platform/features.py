@@ -24,10 +24,15 @@ def has_transformer_engine() -> bool:
 
 
 def missing_for(needs: tuple[str, ...]) -> str | None:
-    """Why a feature needing ``needs`` (any of ``"cuda"``, ``"transformer_engine"``,
-    ``"deep_ep"``, ``"grouped_gemm"``) cannot run here, or None when it can."""
+    """Why a feature needing ``needs`` (``"cuda"`` or top-level module names such as
+    ``"transformer_engine"``, ``"deep_ep"``) cannot run here, or None when it can."""
     missing = [name for name in needs if not (has_cuda() if name == "cuda" else installed(name))]
     if not missing:
         return None
-    words = {"cuda": "a CUDA GPU", "transformer_engine": "Transformer Engine", "deep_ep": "DeepEP (deep_ep)"}
+    words = {
+        "cuda": "a CUDA GPU",
+        "transformer_engine": "Transformer Engine",
+        "deep_ep": "DeepEP (deep_ep)",
+        "fused_weight_gradient_mlp_cuda": "apex's fused_weight_gradient_mlp_cuda",
+    }
     return "needs " + " and ".join(words.get(name, name) for name in missing) + ", not available here"

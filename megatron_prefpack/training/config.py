@@ -166,6 +166,9 @@ class PerformanceConfig:
     tp_comm_overlap: bool = False
     """Overlap tensor-parallel communication with GEMMs (Transformer Engine userbuffers; GPU,
     tensor > 1 with sequence parallel)."""
+    gradient_accumulation_fusion: bool = False
+    """Weight gradients accumulated straight into the fp32 main-grad buffer by the GEMM (GPU;
+    apex's ``fused_weight_gradient_mlp_cuda``, which Megatron's own linear layers need)."""
 
 
 @dataclass
@@ -735,6 +738,10 @@ _NEEDS: dict[str, tuple[Callable[[TrainConfig], bool], tuple[str, ...]]] = {
     "performance.moe_shared_expert_overlap": (lambda c: c.performance.moe_shared_expert_overlap, ("cuda",)),
     "performance.fp8": (lambda c: c.performance.fp8 is not None, ("cuda", "transformer_engine")),
     "performance.tp_comm_overlap": (lambda c: c.performance.tp_comm_overlap, ("cuda", "transformer_engine")),
+    "performance.gradient_accumulation_fusion": (
+        lambda c: c.performance.gradient_accumulation_fusion,
+        ("cuda", "fused_weight_gradient_mlp_cuda"),
+    ),
     "optimizer.use_precision_aware_optimizer": (
         lambda c: c.optimizer.use_precision_aware_optimizer,
         ("cuda", "transformer_engine"),

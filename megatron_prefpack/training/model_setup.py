@@ -88,6 +88,8 @@ def performance_settings(cfg: TrainConfig, model_cfg: ModelConfig) -> dict[str, 
         settings.update(fp8=perf.fp8, fp8_recipe=perf.fp8_recipe)
     if perf.tp_comm_overlap:
         settings.update(tp_comm_overlap=True)
+    if perf.gradient_accumulation_fusion:
+        settings.update(gradient_accumulation_fusion=True)
     return settings
 
 
