@@ -141,18 +141,35 @@ def test_bench_step_reports_bad_input(tmp_path, change, says, capsys):
 
 @pytest.mark.slow
 def test_bench_step_times_the_model_on_every_layout(tmp_path, capsys):
-    """A run on a tiny synthetic dataset: every layout timed, rows and token ratios consistent
-    with the packing (times are printed, never asserted)."""
+    """A run on a tiny synthetic dataset in bf16: every layout timed, rows and token ratios
+    consistent with the packing (times are printed, never asserted); peak GPU memory per layout
+    on CUDA, null on the CPU."""
+    import torch
+
     from tests.test_train import make_dataset
 
     data = make_dataset(tmp_path / "ds", num_groups=12)
-    args = ["bench", "step", "--data", str(data), "--preset", "tiny-moe", "--seq-len", "64"]
+    args = [
+        "bench",
+        "step",
+        "--data",
+        str(data),
+        "--preset",
+        "tiny-moe",
+        "--seq-len",
+        "64",
+        "--dtype",
+        "bfloat16",
+    ]
     assert main([*args, "--groups", "8", "--repeats", "1", "--micro-batch-size", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     figures = result["layouts"]
     assert result["groups"] == 8 and set(figures) == {"prefpack", "duplicated", "unpacked"}
+    assert result["dtype"] == "bfloat16" and result["parameters"] > 0
     assert figures["prefpack"]["rows"] <= figures["duplicated"]["rows"] < figures["unpacked"]["rows"] == 16
     for entry in figures.values():
         assert entry["seconds_per_pass"] > 0 and len(entry["seconds_all"]) == 1
+        peak = entry["peak_memory_bytes"]
+        assert peak > 0 if torch.cuda.is_available() else peak is None
     assert figures["unpacked"]["time_ratio_vs_unpacked"] == 1.0
     assert figures["prefpack"]["tokens_ratio_vs_duplicated"] < 1.0

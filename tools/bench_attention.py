@@ -16,15 +16,21 @@
    forward 2 * pairs * heads * (d_qk + d_v), forward + backward 3.5x that.
 
 Token lengths: a tokenizer file (``--tokenizer``: tokenizer.json or SentencePiece .model),
-else characters / 4. Run: ``python tools/bench_attention.py [--seq-len 8192 ...]``.
-Needs CUDA; without it the script says so and exits with status 2.
+else characters / 4. Run: ``python tools/bench_attention.py [--seq-len 8192 ...] [--json]``
+(``--json``: one JSON object on stdout instead of the tables). Needs CUDA; without it the script
+says so and exits with status 2. ``--device cpu`` is a smoke run of the same pipeline (the
+``reference`` backend in bf16 against itself in fp32, CPU timings; give a short ``--seq-len``:
+the reference builds an L x L mask). Exit status 1 when a backend failed its check or run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +80,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cuda (default) or cpu: a smoke run of the reference backend at a short --seq-len",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args(argv)
     unknown = set(args.shapes.split(",")) - set(SHAPES)
     if unknown:
@@ -134,15 +147,31 @@ def layout_views(lengths: Any, layout: str, seq_len: int, max_rows: int | None) 
     return doc, seg, groups
 
 
-def random_inputs(shape: Shape, batch: int, seq: int, seed: int) -> list[Any]:
+def random_inputs(shape: Shape, batch: int, seq: int, seed: int, device: str) -> list[Any]:
     import torch
 
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     sizes = [(shape.heads, shape.dqk), (shape.kv_heads, shape.dqk), (shape.kv_heads, shape.dv)]
     return [
-        torch.randn(batch, seq, h, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        torch.randn(batch, seq, h, d, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
         for h, d in sizes
     ]
+
+
+def elapsed_ms(fn: Callable[[], Any], device: str) -> float:
+    """Wall time of ``fn()`` in ms: CUDA events around it on the GPU, ``perf_counter`` on the CPU."""
+    import torch
+
+    if device != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
 
 
 def forward_backward(backend: Any, inputs: list[Any], plan: Any, scale: float, out_grad: Any) -> list[Any]:
@@ -153,15 +182,16 @@ def forward_backward(backend: Any, inputs: list[Any], plan: Any, scale: float, o
     return [out.detach(), *(t.grad for t in inputs)]
 
 
-def check_backend(name: str, shape: Shape, doc: Any, seg: Any, args: argparse.Namespace) -> str:
-    """Relative errors of ``name`` vs the fp32 reference; raises ``AssertionError`` beyond tolerance."""
+def check_backend(name: str, shape: Shape, doc: Any, seg: Any, args: argparse.Namespace) -> dict[str, float]:
+    """Relative errors (out, dq, dk, dv) of ``name`` in bf16 vs the fp32 reference; raises
+    ``AssertionError`` naming them beyond ``--tolerance``."""
     import torch
 
     from megatron_prefpack.attention import get_backend
 
     scale = 1 / math.sqrt(shape.dqk)
-    inputs = random_inputs(shape, doc.shape[0], doc.shape[1], args.seed)
-    out_grad = torch.randn(*doc.shape, shape.heads, shape.dv, device="cuda", dtype=torch.bfloat16)
+    inputs = random_inputs(shape, doc.shape[0], doc.shape[1], args.seed, args.device)
+    out_grad = torch.randn(*doc.shape, shape.heads, shape.dv, device=args.device, dtype=torch.bfloat16)
     reference = get_backend("reference")
     ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
     expected = forward_backward(
@@ -173,11 +203,13 @@ def check_backend(name: str, shape: Shape, doc: Any, seg: Any, args: argparse.Na
         label: float((a.float() - e).norm() / e.norm())
         for label, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True)
     }
-    worst = max(errors.values())
-    report = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
-    if not worst <= args.tolerance:
-        raise AssertionError(f"relative error above {args.tolerance}: {report}")
-    return report
+    if not max(errors.values()) <= args.tolerance:
+        raise AssertionError(f"relative error above {args.tolerance}: {format_errors(errors)}")
+    return errors
+
+
+def format_errors(errors: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.1e}" for k, v in errors.items())
 
 
 def time_layout(name: str, shape: Shape, doc: Any, seg: Any, args: argparse.Namespace) -> tuple[float, float]:
@@ -186,52 +218,53 @@ def time_layout(name: str, shape: Shape, doc: Any, seg: Any, args: argparse.Name
 
     from megatron_prefpack.attention import get_backend
 
-    backend = get_backend(name)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    backend = get_backend(name, args.device)
     backend.build_plan(doc, seg)  # warm (flex compiles the block-mask builder)
-    start.record()
-    plan = backend.build_plan(doc, seg)
-    end.record()
-    torch.cuda.synchronize()
-    plan_ms = start.elapsed_time(end)
-    inputs = random_inputs(shape, doc.shape[0], doc.shape[1], args.seed)
-    out_grad = torch.randn(*doc.shape, shape.heads, shape.dv, device="cuda", dtype=torch.bfloat16)
+    plans = []
+    plan_ms = elapsed_ms(lambda: plans.append(backend.build_plan(doc, seg)), args.device)
+    inputs = random_inputs(shape, doc.shape[0], doc.shape[1], args.seed, args.device)
+    out_grad = torch.randn(*doc.shape, shape.heads, shape.dv, device=args.device, dtype=torch.bfloat16)
     scale = 1 / math.sqrt(shape.dqk)
-    for _ in range(args.warmup):
-        forward_backward(backend, inputs, plan, scale, out_grad)
-    start.record()
-    for _ in range(args.iters):
-        forward_backward(backend, inputs, plan, scale, out_grad)
-    end.record()
-    torch.cuda.synchronize()
-    return plan_ms, start.elapsed_time(end) / args.iters
+
+    def repeat(times: int) -> None:
+        for _ in range(times):
+            forward_backward(backend, inputs, plans[0], scale, out_grad)
+
+    repeat(args.warmup)
+    return plan_ms, elapsed_ms(lambda: repeat(args.iters), args.device) / args.iters
 
 
-def default_backends() -> list[str]:
+def default_backends(device: str) -> list[str]:
     from megatron_prefpack.attention.backends.varlen import GPU_KERNELS, kernel_available
 
+    if device != "cuda":
+        return ["reference"]
     return [f"varlen:{k}" for k in GPU_KERNELS if kernel_available(k)] + ["flex"]
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from megatron_prefpack.data.packing import causal_attention_pairs
 
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print(
-            "bench_attention: no CUDA device; this benchmark needs a GPU (run it on an H100/H200 node)",
+            "bench_attention: no CUDA device; this benchmark needs a GPU (run it on an H100/H200 node, "
+            "or --device cpu for a smoke run)",
             file=sys.stderr,
         )
         return 2
+    say = (lambda *a, **k: None) if args.json else print
     torch.manual_seed(args.seed)
-    backends = args.backends.split(",") if args.backends else default_backends()
+    backends = args.backends.split(",") if args.backends else default_backends(args.device)
     lengths = group_lengths(args.data, args.tokenizer)
-    print(
-        f"{lengths.num_groups} groups from {args.data}; tokens: {'chars/4' if args.tokenizer is None else args.tokenizer}"
-    )
+    tokens = "chars/4" if args.tokenizer is None else str(args.tokenizer)
+    say(f"{lengths.num_groups} groups from {args.data}; tokens: {tokens}")
 
     check_doc, check_seg, _ = layout_views(lengths, "prefpack", args.check_len, 1)
+    # Only groups that fit a row in every layout, so that the duplicated rows hold the same groups.
+    lengths = lengths.select(np.flatnonzero(lengths.fits_every_layout(args.seq_len)))
     pref_doc, pref_seg, groups = layout_views(lengths, "prefpack", args.seq_len, args.rows)
     selected = lengths.select(groups)
     dup_doc, dup_seg, _ = layout_views(selected, "duplicated", args.seq_len, None)
@@ -241,43 +274,72 @@ def run(args: argparse.Namespace) -> int:
         "duplicated": (dup_doc, dup_seg),
         "causal": (causal, causal),
     }
-    layouts = {k: (d.cuda(), s.cuda()) for k, (d, s) in layouts.items()}
-    check_doc, check_seg = check_doc.cuda(), check_seg.cuda()
+    layouts = {k: (d.to(args.device), s.to(args.device)) for k, (d, s) in layouts.items()}
+    check_doc, check_seg = check_doc.to(args.device), check_seg.to(args.device)
     pairs = {
         "prefix-shared": int(selected.attention_pairs("prefpack").sum()),
         "duplicated": int(selected.attention_pairs("duplicated").sum()),
         "causal": int(pref_doc.shape[0] * causal_attention_pairs(args.seq_len)),
     }
-    print(
-        f"{selected.num_groups} groups, {int(selected.num_responses.sum())} responses; rows of {args.seq_len}: "
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": "bfloat16",
+        "data": str(args.data),
+        "tokens": tokens,
+        "seq_len": args.seq_len,
+        "check_len": args.check_len,
+        "tolerance": args.tolerance,
+        "iters": args.iters,
+        "groups": selected.num_groups,
+        "responses": int(selected.num_responses.sum()),
+        "layouts": {k: {"rows": int(v[0].shape[0]), "attention_pairs": pairs[k]} for k, v in layouts.items()},
+        "shapes": {},
+    }
+    say(
+        f"{selected.num_groups} groups, {result['responses']} responses; rows of {args.seq_len}: "
         + ", ".join(f"{k} {v[0].shape[0]} rows / {pairs[k]:.3e} pairs" for k, v in layouts.items())
     )
 
     failures = 0
     for shape in (SHAPES[s] for s in args.shapes.split(",")):
         useful_flops = 3.5 * 2 * pairs["prefix-shared"] * shape.heads * (shape.dqk + shape.dv)
-        print(
+        shape_result: dict[str, Any] = {**vars(shape), "useful_flops": useful_flops, "backends": {}}
+        result["shapes"][shape.name] = shape_result
+        say(
             f"\n== {shape.name}: {shape.heads} q heads, {shape.kv_heads} kv heads, d_qk {shape.dqk}, d_v {shape.dv}"
         )
-        print(
+        say(
             f"{'backend':<18} {'layout':<14} {'rows':>4} {'plan ms':>8} {'fwd+bwd ms':>11} {'useful TFLOP/s':>15} {'x prefix-shared':>16}"
         )
         for name in backends:
+            entry: dict[str, Any] = {"ok": False, "error": None, "check": None, "layouts": {}}
+            shape_result["backends"][name] = entry
             try:
-                print(
-                    f"{name:<18} check vs reference: {check_backend(name, shape, check_doc, check_seg, args)}"
-                )
-                times = {}
+                entry["check"] = check_backend(name, shape, check_doc, check_seg, args)
+                say(f"{name:<18} check vs reference: {format_errors(entry['check'])}")
                 for layout, (doc, seg) in layouts.items():
                     plan_ms, ms = time_layout(name, shape, doc, seg, args)
-                    times[layout] = ms
-                    print(
+                    base = entry["layouts"].get("prefix-shared", {}).get("fwd_bwd_ms", ms)
+                    entry["layouts"][layout] = {
+                        "rows": int(doc.shape[0]),
+                        "plan_ms": plan_ms,
+                        "fwd_bwd_ms": ms,
+                        "useful_tflops": useful_flops / ms / 1e9,
+                        "time_ratio_vs_prefix_shared": ms / base,
+                    }
+                    say(
                         f"{name:<18} {layout:<14} {doc.shape[0]:>4} {plan_ms:>8.2f} {ms:>11.2f} "
-                        f"{useful_flops / ms / 1e9:>15.1f} {ms / times['prefix-shared']:>16.2f}"
+                        f"{useful_flops / ms / 1e9:>15.1f} {ms / base:>16.2f}"
                     )
+                entry["ok"] = True
             except Exception as error:  # report and continue with the next backend
                 failures += 1
-                print(f"{name:<18} FAILED: {type(error).__name__}: {error}")
+                entry["error"] = f"{type(error).__name__}: {error}"
+                say(f"{name:<18} FAILED: {entry['error']}")
+    result["failures"] = failures
+    if args.json:
+        print(json.dumps(result, indent=1))
     return 1 if failures else 0
 
 

@@ -4,7 +4,8 @@
 ``tiny-qwen3``, ``tiny-qwen3-moe`` and ``tiny-glm4-moe`` are those Hugging Face architectures in
 miniature, each with the features its family needs); ``demo-axk1`` is the CPU demo's model
 (A.X K1's architecture at a few M parameters), ``demo-moe`` a plain GQA MoE of similar size (the
-default of ``prefpack bench step``); ``ax-k1`` and ``deepseek-v3`` are the real shapes (bf16).
+default of ``prefpack bench step``); ``bench-moe-1b`` a 1.4 B-parameter GQA MoE in bf16 for
+one-GPU measurements (``tools/gpu_check.sh``); ``ax-k1`` and ``deepseek-v3`` are the real shapes (bf16).
 Multi-token prediction (one MTP layer in both real models) is not built by this project.
 """
 
@@ -173,6 +174,30 @@ def _demo_axk1() -> ModelConfig:
     )
 
 
+def _bench_moe_1b() -> ModelConfig:
+    """A one-GPU benchmark MoE (bf16): 1.4 B parameters (1.27 B besides the embeddings), 0.3 B
+    active per token; GQA 16/4 heads of 128, 16 experts top-2, a dense first layer."""
+    return ModelConfig(
+        num_layers=12,
+        hidden_size=2048,
+        ffn_hidden_size=5632,
+        num_attention_heads=16,
+        num_query_groups=4,
+        vocab_size=32768,
+        max_position_embeddings=8192,
+        rotary_base=500000.0,
+        moe=MoEConfig(
+            num_experts=16,
+            top_k=2,
+            expert_ffn_hidden_size=1024,
+            aux_loss_coeff=1e-3,
+            first_k_dense=1,
+        ),
+        params_dtype="bfloat16",
+        init_method_std=0.01,
+    )
+
+
 def _ax_k1() -> ModelConfig:
     """A.X K1 (arXiv 2601.09200): 519B total / ~33B active.
 
@@ -233,6 +258,7 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny-glm4-moe": _tiny_glm4_moe,
     "demo-moe": _demo_moe,
     "demo-axk1": _demo_axk1,
+    "bench-moe-1b": _bench_moe_1b,
     "ax-k1": _ax_k1,
     "deepseek-v3": _deepseek_v3,
 }

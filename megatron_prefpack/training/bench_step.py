@@ -5,8 +5,11 @@ preprocessed dataset that fit a row in every layout are packed as ``prefpack``, 
 and ``unpacked`` rows; each layout's rows go through the model (forward, the summed response
 log-probs, backward) in micro-batches, once to warm up and then ``--repeats`` timed passes.
 It prints seconds per pass over all the groups, groups/s, and the time ratios against the
-unpacked and duplicated rows, next to the token ratios they should follow. One process; the
-device is CUDA when present (set ``--backend``), else CPU with the reference attention.
+unpacked and duplicated rows, next to the token ratios they should follow, and on CUDA each
+layout's peak allocated GPU memory (``torch.cuda.max_memory_allocated`` after resetting the peak
+at the layout's start: weights, gradients and that layout's activations; ``null`` on CPU). One
+process; the device is CUDA when present (set ``--backend``), else CPU with the reference
+attention. ``--dtype`` sets the parameter dtype (default: the preset's).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from megatron_prefpack.data.packing import LAYOUTS, GroupLengths, PackingConfig, pack
+from megatron_prefpack.models.config import DTYPES
 
 if TYPE_CHECKING:
     from megatron_prefpack.data.group_dataset import GroupDataset
@@ -37,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per layout (default 3)")
     parser.add_argument("--backend", default="auto", help="attention backend (default auto)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="parameter dtype (default: the preset's params_dtype)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -67,6 +74,9 @@ def _time_layout(
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     one_pass()
     seconds = []
     for _ in range(args.repeats):
@@ -79,6 +89,7 @@ def _time_layout(
         "computed_tokens": stats.row_tokens,
         "seconds_per_pass": float(np.median(seconds)),
         "seconds_all": seconds,
+        "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if on_cuda else None,
     }
 
 
@@ -104,6 +115,7 @@ def _inputs(args: argparse.Namespace) -> tuple[GroupDataset, GroupLengths, Model
         cfg,
         vocab_size=max(vocab, cfg.vocab_size),
         max_position_embeddings=max(cfg.max_position_embeddings, args.seq_len),
+        params_dtype=args.dtype or cfg.params_dtype,
     )
     return data, lengths.select(fits), cfg
 
@@ -120,15 +132,17 @@ def _add_ratios(figures: dict[str, dict], groups: int) -> None:
 def _format_table(result: dict[str, Any], repeats: int) -> str:
     lines = [
         f"{result['groups']} groups, rows of {result['seq_len']}, model {result['model']} on "
-        f"{result['device']}, median of {repeats} passes (forward + backward)",
+        f"{result['device']} ({result['dtype']}), median of {repeats} passes (forward + backward)",
         f"{'layout':<12}{'rows':>6}{'s/pass':>9}{'groups/s':>10}{'time x unp':>12}{'tok x unp':>11}"
-        f"{'time x dup':>12}{'tok x dup':>11}",
+        f"{'time x dup':>12}{'tok x dup':>11}{'peak GiB':>10}",
     ]
     for layout, e in result["layouts"].items():
+        peak = e["peak_memory_bytes"]
         lines.append(
             f"{layout:<12}{e['rows']:>6}{e['seconds_per_pass']:>9.3f}{e['groups_per_s']:>10.1f}"
             f"{e['time_ratio_vs_unpacked']:>12.3f}{e['tokens_ratio_vs_unpacked']:>11.3f}"
             f"{e['time_ratio_vs_duplicated']:>12.3f}{e['tokens_ratio_vs_duplicated']:>11.3f}"
+            f"{'-' if peak is None else f'{peak / 2**30:.2f}':>10}"
         )
     return "\n".join(lines)
 
@@ -155,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     _add_ratios(figures, lengths.num_groups)
     result = {
         "model": cfg.name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": cfg.params_dtype,
         "device": str(device),
         "seq_len": args.seq_len,
         "groups": lengths.num_groups,
