@@ -57,6 +57,10 @@ SUBCOMMANDS: dict[str, Command | CommandGroup] = {
         "megatron_prefpack.training.ref_logprobs",
         "forward-only pass of a reference model; stores per-response log-prob sums",
     ),
+    "plan": Command(
+        "megatron_prefpack.training.plan",
+        "memory per rank (exact weights, grads, optimizer; estimated activations) and step time on a GPU cluster",
+    ),
     "train": Command(
         "megatron_prefpack.training.train",
         "train with DPO, reward-model or multi-response SFT losses (torchrun / srun)",
