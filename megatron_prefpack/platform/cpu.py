@@ -112,6 +112,55 @@ def _patch_rng_tracker() -> None:
     mcore_random.initialize_rng_tracker(force_reset=True)
 
 
+def _patch_recompute_rng() -> None:
+    """Megatron's activation recompute saves and restores the CPU generator as "the CUDA RNG state".
+
+    Breaks: ``tensor_parallel.checkpoint`` (full and selective recompute) and
+    ``CheckpointWithoutOutput`` (``mla_up_proj``, ``layernorm``, ``moe_act`` recompute) save all
+    RNG states before the first forward and restore them for the re-run, so dropout draws the
+    same masks; the "CUDA" part goes through ``random._get_cuda_rng_state`` /
+    ``_set_cuda_rng_state``, which initialize CUDA and raise. Safe: on the CPU the default CPU
+    generator is the one every kernel, and the patched RNG tracker, draws from; saving and
+    restoring it is what the CUDA calls do for the CUDA generator. The CPU state is then saved
+    and restored twice (as "CPU" and as "CUDA" state, captured at the same moment), which
+    restores the same state.
+    """
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    def get_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+        torch.set_rng_state(new_state)
+
+    _rebind(mcore_random, "_get_cuda_rng_state", get_state)
+    _rebind(mcore_random, "_set_cuda_rng_state", set_state)
+
+
+def _patch_checkpoint_without_output_fp8() -> None:
+    """``CheckpointWithoutOutput`` asks Transformer Engine about FP8 only where TE is installed.
+
+    Breaks: ``CheckpointWithoutOutput(fp8=False)``, how ``TransformerLayer`` builds the
+    ``layernorm`` recompute (and the experts the ``moe_act`` one), sets ``self.fp8 = fp8 is not
+    None``, i.e. True, and its forward then calls TE's ``FP8GlobalStateManager``: a ``NameError``
+    without TE (both 0.16.1 and 0.19.2). Safe: the flag only means "ask TE whether FP8 is on";
+    FP8 needs TE (and a GPU), so without TE the answer is no, which ``fp8 = False`` gives.
+    """
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    if getattr(mcore_random, "HAVE_TE", False):
+        return
+    cls = mcore_random.CheckpointWithoutOutput
+    original_init = cls.__init__
+
+    @functools.wraps(original_init)
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.fp8 = False
+
+    cls.__init__ = init
+
+
 def _patch_current_device() -> None:
     """``torch.cuda.current_device()`` returns the CPU device.
 
@@ -434,6 +483,8 @@ _PATCHES: tuple[Callable[[], None], ...] = (
     _patch_cuda_literals,
     _patch_type_checks,
     _patch_rng_tracker,
+    _patch_recompute_rng,
+    _patch_checkpoint_without_output_fp8,
     _patch_torch_norm,
     _patch_moe_te_gemm_name,
     _patch_moe_split_sizes,
