@@ -8,6 +8,8 @@ optimizer when configured) and ``OptimizerParamScheduler``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -16,7 +18,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_prefpack.models.builder import build_model
 from megatron_prefpack.models.config import ModelConfig
-from megatron_prefpack.training.config import ConfigError, TrainConfig
+from megatron_prefpack.training.config import ConfigError, DDPConfig, TrainConfig, config_error
 
 
 def init_distributed(cfg: TrainConfig) -> None:
@@ -36,6 +38,39 @@ def init_distributed(cfg: TrainConfig) -> None:
         )
     except ValueError as err:
         raise ConfigError(f"{cfg.source}: parallel: {err}") from None
+
+
+def init_tp_comm_overlap(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """Transformer Engine's userbuffers for ``performance.tp_comm_overlap`` (Megatron-LM's
+    ``_initialize_tp_communicators``): one buffer of ``(seq_len * micro_batch_size / context,
+    hidden)``, FP8 when ``performance.fp8`` is set, TE's default overlap settings, NCCL
+    bootstrap. Call after :func:`init_distributed` and before building the model; does nothing
+    when the key is off. Raises ``ConfigError`` naming the key where it cannot run."""
+    if not cfg.performance.tp_comm_overlap:
+        return
+    from megatron_prefpack.platform.features import missing_for
+
+    reason = missing_for(("cuda", "transformer_engine"))
+    if reason:
+        raise config_error(cfg, "performance.tp_comm_overlap", reason)
+    from megatron.core.utils import is_te_min_version
+    from transformer_engine.pytorch import module as te_module
+
+    if not is_te_min_version("1.9.0"):
+        raise config_error(
+            cfg, "performance.tp_comm_overlap", "needs Transformer Engine >= 1.9 (NCCL bootstrap)"
+        )
+    par = cfg.parallel
+    shape = [cfg.data.seq_len * cfg.data.micro_batch_size // par.context, model_cfg.hidden_size]
+    fp8 = cfg.performance.fp8 is not None
+    if is_te_min_version("2.7.0"):
+        mode = te_module.base.UserBufferQuantizationMode
+        precision: dict[str, Any] = {"quantization_modes": [mode.FP8 if fp8 else mode.NONE]}
+    else:
+        precision = {"use_fp8": fp8}
+    te_module.base.initialize_ub(
+        shape=shape, tp_size=par.tensor, ub_cfgs={}, bootstrap_backend="nccl", **precision
+    )
 
 
 def make_model_forward(model_cfg: Any) -> Any:
@@ -118,41 +153,119 @@ def attach_reward_heads(chunks: list[torch.nn.Module], init_std: float | None) -
         attach_reward_head(chunk, init_std=init_std)
 
 
-def wrap_for_training(
-    chunks: list[torch.nn.Module], transformer_config: Any, distributed_optimizer: bool
-) -> list[torch.nn.Module]:
-    """``Float16Module`` (bf16/fp16) + Megatron DDP around every chunk, and the config hooks
-    the pipeline schedules call (``no_sync_func``, ``finalize_model_grads_func``)."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.transformer.module import Float16Module
+def ddp_config(ddp: DDPConfig, distributed_optimizer: bool, num_chunks: int) -> Any:
+    """Megatron's ``DistributedDataParallelConfig`` for ``ddp``. Parameter all-gathers are
+    aligned across pipeline stages (``align_param_gather``) with a virtual pipeline only, as
+    Megatron-LM does (its non-interleaved schedule never calls ``param_sync_func``)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
 
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=ddp.grad_reduce_in_fp32,
+        overlap_grad_reduce=ddp.overlap_grad_reduce,
+        overlap_param_gather=ddp.overlap_param_gather,
+        align_param_gather=ddp.overlap_param_gather and num_chunks > 1,
+        bucket_size=ddp.bucket_size,
         use_distributed_optimizer=distributed_optimizer,
         check_for_nan_in_grad=False,
     )
+
+
+def _per_chunk(funcs: list[Callable[..., Any]]) -> Callable[..., Any] | list[Callable[..., Any]]:
+    """A schedule hook as Megatron's schedules take it: one callable, or one per model chunk."""
+    return funcs[0] if len(funcs) == 1 else funcs
+
+
+def wrap_for_training(
+    chunks: list[torch.nn.Module],
+    transformer_config: Any,
+    distributed_optimizer: bool,
+    ddp: DDPConfig | None = None,
+) -> list[torch.nn.Module]:
+    """``Float16Module`` (bf16/fp16) + Megatron DDP with ``ddp``'s settings (default: none
+    overlapped) around every chunk, and the hooks Megatron's pipeline schedules call, set as
+    Megatron-LM's training loop sets them:
+
+    * ``no_sync_func``: each chunk's ``no_sync`` (no reduction before a chunk's last micro-batch);
+    * ``grad_sync_func`` (``overlap_grad_reduce``): each chunk's ``start_grad_sync``, which the
+      schedule calls once a chunk's last backward is done (aligned across pipeline stages);
+      the buckets of later steps start their reduction from DDP's gradient hooks, bucket by
+      bucket, while the backward pass continues;
+    * ``param_sync_func`` (``overlap_param_gather`` with a virtual pipeline): each chunk's
+      ``start_param_sync``;
+    * ``finalize_model_grads_func``: Megatron's ``finalize_model_grads``, which waits for every
+      outstanding reduction, so the gradients are complete when the schedule returns.
+
+    Under ``overlap_param_gather`` the optimizer step updates only this rank's shard and gathers
+    nothing; DDP's forward pre-hooks gather the updated parameters during the next forward.
+    Read parameters outside a training step inside :func:`synced_params`.
+
+    Only the first chunk buckets its gradients (later chunks' reductions overlap with the
+    earlier chunks' backward anyway), as Megatron-LM does for virtual pipelines.
+    """
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
+
+    ddp = ddp or DDPConfig()
+    config = ddp_config(ddp, distributed_optimizer, len(chunks))
     wrapped = []
     for i, chunk in enumerate(chunks):
         if transformer_config.bf16 or transformer_config.fp16:
             chunk = Float16Module(transformer_config, chunk)
-        # Only the first chunk buckets its gradients, as Megatron-LM does for virtual pipelines.
-        wrapped.append(
-            DistributedDataParallel(transformer_config, ddp_config, chunk, disable_bucketing=i > 0)
-        )
-    no_sync = [c.no_sync for c in wrapped]
-    transformer_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        wrapped.append(DistributedDataParallel(transformer_config, config, chunk, disable_bucketing=i > 0))
+    transformer_config.no_sync_func = _per_chunk([c.no_sync for c in wrapped])
+    transformer_config.grad_sync_func = (
+        _per_chunk([c.start_grad_sync for c in wrapped]) if ddp.overlap_grad_reduce else None
+    )
+    transformer_config.param_sync_func = (
+        _per_chunk([c.start_param_sync for c in wrapped]) if config.align_param_gather else None
+    )
     transformer_config.finalize_model_grads_func = finalize_model_grads
     return wrapped
 
 
+@contextlib.contextmanager
+def synced_params(model: list[torch.nn.Module], optimizer: Any) -> Iterator[None]:
+    """Every rank's parameters complete for the block (evaluation, checks, saving).
+
+    Under ``ddp.overlap_param_gather`` the parameters the last optimizer step updated are
+    all-gathered now, synchronously, and DDP's forward pre-hooks are removed for the block and
+    put back after it (Megatron-LM's ``disable_forward_pre_hook`` / ``enable_forward_pre_hook``
+    around evaluation and checkpointing). Otherwise the parameters are always complete and
+    this does nothing. Collective over the data-parallel group."""
+    hooked = [chunk for chunk in model if getattr(chunk, "use_forward_hook", False)]
+    if not hooked:
+        yield
+        return
+    # megatron-core >= 0.19 stages optimizer-owned parameters first (a no-op unless MXFP8
+    # parameters share the gradient buffer); 0.16 has no such step.
+    prepare = getattr(optimizer, "prepare_model_params_for_param_sync", None)
+    if prepare is not None:
+        prepare()
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
+
+
+def num_buckets(model: list[torch.nn.Module]) -> int:
+    """Gradient-reduction buckets of the wrapped ``model`` (dense and expert buffers)."""
+    return sum(
+        len(buffer.buckets) for chunk in model for buffer in [*chunk.buffers, *chunk.expert_parallel_buffers]
+    )
+
+
 def build_optimizer(cfg: TrainConfig, chunks: list[torch.nn.Module], transformer_config: Any) -> Any:
-    """Megatron's Adam (distributed when configured) with ``cfg.optimizer``'s settings."""
+    """Megatron's Adam (distributed when configured) with ``cfg.optimizer``'s settings,
+    including the precision-aware optimizer (moments in ``exp_avg_dtype`` /
+    ``exp_avg_sq_dtype``) and CPU offload of ``optimizer_offload_fraction`` of the state (both
+    GPU-only; ``training.config`` refuses them elsewhere). The field names are the same in
+    megatron-core 0.16 and 0.19."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_prefpack.models.config import torch_dtype
 
     opt = cfg.optimizer
     optimizer = get_megatron_optimizer(
@@ -169,6 +282,11 @@ def build_optimizer(cfg: TrainConfig, chunks: list[torch.nn.Module], transformer
             fp16=transformer_config.fp16,
             params_dtype=transformer_config.params_dtype,
             use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+            use_precision_aware_optimizer=opt.use_precision_aware_optimizer,
+            exp_avg_dtype=torch_dtype(opt.exp_avg_dtype),
+            exp_avg_sq_dtype=torch_dtype(opt.exp_avg_sq_dtype),
+            optimizer_cpu_offload=opt.optimizer_cpu_offload,
+            optimizer_offload_fraction=opt.optimizer_offload_fraction,
         ),
         chunks,
     )

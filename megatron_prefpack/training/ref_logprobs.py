@@ -218,6 +218,7 @@ def write_reference_logprobs(cfg: Any, load: str | None, output: Path) -> Path:
     from megatron_prefpack.training.model_setup import (
         build_chunks,
         init_distributed,
+        init_tp_comm_overlap,
         make_model_forward,
         transformer_config,
     )
@@ -230,6 +231,7 @@ def write_reference_logprobs(cfg: Any, load: str | None, output: Path) -> Path:
         check_parallel_layout(cfg, dist.get_world_size(), model_cfg)
         par = cfg.parallel
         tcfg = transformer_config(cfg, model_cfg)
+        init_tp_comm_overlap(cfg, model_cfg)
         chunks = build_chunks(model_cfg, tcfg)
         if load is None:
             print("[prefpack] warning: no reference checkpoint given; using the random initialisation")

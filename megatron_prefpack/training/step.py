@@ -17,7 +17,10 @@ replica contributes them to a world all-reduce, so every rank ends with the glob
 Non-finite steps: before the optimizer runs, every rank checks the global loss and its own
 gradient buffers and the world agrees (one MAX all-reduce) whether anything is NaN/inf. Such
 a step applies no update and does not advance the LR schedule (Megatron-LM's rule for a
-skipped iteration); the caller counts it and decides when to stop.
+skipped iteration); the caller counts it and decides when to stop. With ``ddp.overlap_grad_reduce``
+the check still sees reduced gradients: the schedule ends with ``finalize_model_grads``, which
+waits for every bucket's reduction. With ``ddp.overlap_param_gather`` a skipped step leaves the
+parameter shards as they were, so the next forward's all-gather restores the same values.
 """
 
 from __future__ import annotations

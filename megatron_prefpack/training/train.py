@@ -285,7 +285,10 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         build_chunks,
         build_optimizer,
         build_scheduler,
+        init_tp_comm_overlap,
         make_model_forward,
+        num_buckets,
+        synced_params,
         transformer_config,
         wrap_for_training,
     )
@@ -339,6 +342,7 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         # checkpoint does not (load, then attach a fresh head).
         head_first = is_rm and (start_state is None or start_state.objective == "rm")
         head_std = cfg.objective.rm.head_init_std
+        init_tp_comm_overlap(cfg, model_cfg)
         chunks = build_chunks(model_cfg, tcfg, reward_head=head_first, head_init_std=head_std)
         if start is not None and not resume:
             checkpoint.load(start, chunks, restore_rng=False)
@@ -365,9 +369,14 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
                     ref_chunk.load_state_dict(chunk.state_dict())
             for ref_chunk in reference_chunks:
                 ref_chunk.requires_grad_(False)
-        model = wrap_for_training(chunks, tcfg, par.distributed_optimizer)
+        model = wrap_for_training(chunks, tcfg, par.distributed_optimizer, cfg.ddp)
         optimizer = build_optimizer(optimizer_cfg, model, tcfg)
         scheduler = build_scheduler(cfg, optimizer)
+        ddp = cfg.ddp
+        log.info(
+            f"DDP: {num_buckets(model)} gradient bucket(s) on this rank; overlapped gradient "
+            f"reduction {ddp.overlap_grad_reduce}, parameter all-gather {ddp.overlap_param_gather}"
+        )
 
         # 4. resume: weights, optimizer, schedule, data position, RNG
         step, consumed_rows = 0, 0
@@ -424,6 +433,10 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         def run_eval() -> None:
             """Evaluate the held-out split in pieces of one step's micro-batches; a SIGTERM
             between pieces abandons the evaluation (the caller saves)."""
+            with synced_params(model, optimizer):
+                evaluate_held_out()
+
+        def evaluate_held_out() -> None:
             items = [
                 MicroBatch(b, max(objective.count(b), 1), counted)
                 for b, counted in data.eval_micro_batches(dp_rank, dp, eval_chunk_rows, eval_rows, device)
@@ -444,6 +457,10 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
             log.log("eval", step, metrics)
 
         def save() -> Path:
+            with synced_params(model, optimizer):
+                return save_synced()
+
+        def save_synced() -> Path:
             if not _params_finite(model, device):
                 raise TrainingDiverged(f"step {step}: the weights hold NaN/inf; not saving them")
             state = checkpoint.CheckpointState(
