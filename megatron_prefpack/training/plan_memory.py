@@ -31,7 +31,8 @@ only Megatron's 64-element padding of each parameter start can differ there.
 style of Korthikanti et al. 2022 ("Reducing activation recomputation in large transformer
 models"), adapted to what Megatron-Core saves here (no dropout, flash-style attention that
 keeps ``q, k, v``, its output and an fp32 log-sum-exp instead of the ``a s^2`` scores, unfused
-RoPE, SwiGLU). With ``T = seq_len * micro_batch / CP`` tokens per rank, ``T_s = T / TP`` under
+RoPE, SwiGLU; the ``reference`` attention backend keeps the fp32 probabilities, ``4 T s a / t``
+bytes more). With ``T = seq_len * micro_batch / CP`` tokens per rank, ``T_s = T / TP`` under
 sequence parallelism (else ``T``), ``t`` = TP, ``e`` = bytes of the activation dtype:
 
 * every layer: ``2 T_s h`` (the layer-norm inputs) ``+ 2 T_s h`` (their outputs, the next
@@ -299,13 +300,18 @@ class Sizes:
     shard_tokens: float  # T_s: tokens per rank in sequence-parallel regions
     tp: int
     element: int  # bytes of one activation element
+    row_length: int
+    flash: bool  # the attention kernel keeps no (query, key) scores (every GPU backend)
 
 
 def _sizes(cfg: TrainConfig, model_cfg: ModelConfig) -> Sizes:
     par = cfg.parallel
     tokens = cfg.data.seq_len * cfg.data.micro_batch_size / par.context
     shard = tokens / par.tensor if par.sequence_parallel else tokens
-    return Sizes(tokens, shard, par.tensor, torch.finfo(torch_dtype(model_cfg.params_dtype)).bits // 8)
+    element = torch.finfo(torch_dtype(model_cfg.params_dtype)).bits // 8
+    return Sizes(
+        tokens, shard, par.tensor, element, cfg.data.seq_len, model_cfg.attention_backend != "reference"
+    )
 
 
 def _selective(cfg: TrainConfig) -> set[str]:
@@ -319,6 +325,8 @@ def _attention_bytes(model_cfg: ModelConfig, z: Sizes, dropped: set[str]) -> flo
     """Saved bytes of one attention block (after its input norm), one micro-batch."""
     a, t, e, tokens = model_cfg.num_attention_heads, z.tp, z.element, z.tokens
     lse = 0.0 if "core_attn" in dropped else 4.0 * tokens * a / t
+    if not z.flash and "core_attn" not in dropped:  # dense SDPA keeps the fp32 probabilities
+        lse += 4.0 * tokens * z.row_length * a / t
     mla = model_cfg.mla
     if mla is None:
         g = model_cfg.num_query_groups or a
