@@ -20,7 +20,8 @@ else characters / 4. Run: ``python tools/bench_attention.py [--seq-len 8192 ...]
 (``--json``: one JSON object on stdout instead of the tables). Needs CUDA; without it the script
 says so and exits with status 2. ``--device cpu`` is a smoke run of the same pipeline (the
 ``reference`` backend in bf16 against itself in fp32, CPU timings; give a short ``--seq-len``:
-the reference builds an L x L mask). Exit status 1 when a backend failed its check or run.
+the reference builds an L x L mask). Exit status 1 when a backend failed its check or run. On
+SIGTERM (a time limit) it stops and still reports what it measured (``"stopped"`` in the JSON).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -243,19 +245,42 @@ def default_backends(device: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    say = (lambda *a, **k: None) if args.json else print
+    result: dict[str, Any] = {"stopped": None, "shapes": {}}
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        import torch
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            print(
+                "bench_attention: no CUDA device; this benchmark needs a GPU (run it on an H100/H200 "
+                "node, or --device cpu for a smoke run)",
+                file=sys.stderr,
+            )
+            return 2
+        bench(args, result, say)
+    except Stopped:  # a time limit: report what was measured
+        result["stopped"] = "SIGTERM before the end; the backend running then is marked"
+        for shape in result["shapes"].values():
+            for entry in shape["backends"].values():
+                if not entry["ok"] and entry["error"] is None:
+                    entry["error"] = "stopped by SIGTERM before it finished"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    failures = sum(not b["ok"] for shape in result["shapes"].values() for b in shape["backends"].values())
+    result["failures"] = failures
+    if args.json:
+        print(json.dumps(result, indent=1))
+    return 1 if failures or result["stopped"] else 0
+
+
+def bench(args: argparse.Namespace, result: dict[str, Any], say: Callable[..., None]) -> None:
+    """Lay out the groups, then :func:`measure`; everything goes into ``result``."""
     import numpy as np
     import torch
 
     from megatron_prefpack.data.packing import causal_attention_pairs
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(
-            "bench_attention: no CUDA device; this benchmark needs a GPU (run it on an H100/H200 node, "
-            "or --device cpu for a smoke run)",
-            file=sys.stderr,
-        )
-        return 2
-    say = (lambda *a, **k: None) if args.json else print
     torch.manual_seed(args.seed)
     backends = args.backends.split(",") if args.backends else default_backends(args.device)
     lengths = group_lengths(args.data, args.tokenizer)
@@ -281,29 +306,53 @@ def run(args: argparse.Namespace) -> int:
         "duplicated": int(selected.attention_pairs("duplicated").sum()),
         "causal": int(pref_doc.shape[0] * causal_attention_pairs(args.seq_len)),
     }
-    result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "dtype": "bfloat16",
-        "data": str(args.data),
-        "tokens": tokens,
-        "seq_len": args.seq_len,
-        "check_len": args.check_len,
-        "tolerance": args.tolerance,
-        "iters": args.iters,
-        "groups": selected.num_groups,
-        "responses": int(selected.num_responses.sum()),
-        "layouts": {k: {"rows": int(v[0].shape[0]), "attention_pairs": pairs[k]} for k, v in layouts.items()},
-        "shapes": {},
-    }
+    result.update(
+        {
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "dtype": "bfloat16",
+            "data": str(args.data),
+            "tokens": tokens,
+            "seq_len": args.seq_len,
+            "check_len": args.check_len,
+            "tolerance": args.tolerance,
+            "iters": args.iters,
+            "groups": selected.num_groups,
+            "responses": int(selected.num_responses.sum()),
+            "layouts": {
+                k: {"rows": int(v[0].shape[0]), "attention_pairs": pairs[k]} for k, v in layouts.items()
+            },
+        }
+    )
     say(
         f"{selected.num_groups} groups, {result['responses']} responses; rows of {args.seq_len}: "
         + ", ".join(f"{k} {v[0].shape[0]} rows / {pairs[k]:.3e} pairs" for k, v in layouts.items())
     )
 
-    failures = 0
+    measure(result, backends, layouts, (check_doc, check_seg), pairs["prefix-shared"], args, say)
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived (e.g. a time limit): stop measuring and report what was measured."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped
+
+
+def measure(
+    result: dict[str, Any],
+    backends: list[str],
+    layouts: dict[str, tuple[Any, Any]],
+    check: tuple[Any, Any],
+    useful_pairs: int,
+    args: argparse.Namespace,
+    say: Callable[..., None],
+) -> None:
+    """Check and time every backend on every shape and layout; results go into
+    ``result["shapes"]`` as they come (a backend that raises is recorded and skipped)."""
     for shape in (SHAPES[s] for s in args.shapes.split(",")):
-        useful_flops = 3.5 * 2 * pairs["prefix-shared"] * shape.heads * (shape.dqk + shape.dv)
+        useful_flops = 3.5 * 2 * useful_pairs * shape.heads * (shape.dqk + shape.dv)
         shape_result: dict[str, Any] = {**vars(shape), "useful_flops": useful_flops, "backends": {}}
         result["shapes"][shape.name] = shape_result
         say(
@@ -316,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
             entry: dict[str, Any] = {"ok": False, "error": None, "check": None, "layouts": {}}
             shape_result["backends"][name] = entry
             try:
-                entry["check"] = check_backend(name, shape, check_doc, check_seg, args)
+                entry["check"] = check_backend(name, shape, *check, args)
                 say(f"{name:<18} check vs reference: {format_errors(entry['check'])}")
                 for layout, (doc, seg) in layouts.items():
                     plan_ms, ms = time_layout(name, shape, doc, seg, args)
@@ -334,13 +383,8 @@ def run(args: argparse.Namespace) -> int:
                     )
                 entry["ok"] = True
             except Exception as error:  # report and continue with the next backend
-                failures += 1
                 entry["error"] = f"{type(error).__name__}: {error}"
                 say(f"{name:<18} FAILED: {entry['error']}")
-    result["failures"] = failures
-    if args.json:
-        print(json.dumps(result, indent=1))
-    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
