@@ -51,7 +51,7 @@ def _measure_real(settings: dict[str, object]) -> dict[str, int]:
     model_setup.init_distributed(cfg)
     tcfg = model_setup.transformer_config(cfg, model_cfg)
     chunks = model_setup.build_chunks(model_cfg, tcfg)
-    model = model_setup.wrap_for_training(chunks, tcfg, cfg.parallel.distributed_optimizer)
+    model = model_setup.wrap_for_training(chunks, tcfg, cfg.parallel.distributed_optimizer, cfg.ddp)
     optimizer = model_setup.build_optimizer(cfg, model, tcfg)
     params = [p for chunk in model for p in chunk.module.parameters()]
     for p in params:

@@ -193,7 +193,7 @@ def _build_wrapped(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[list[torch
     tcfg.perform_initialization = False
     with torch.device("meta"):
         chunks = model_setup.build_chunks(model_cfg, tcfg)
-        wrapped = model_setup.wrap_for_training(chunks, tcfg, cfg.parallel.distributed_optimizer)
+        wrapped = model_setup.wrap_for_training(chunks, tcfg, cfg.parallel.distributed_optimizer, cfg.ddp)
     return wrapped, tcfg
 
 
