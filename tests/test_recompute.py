@@ -10,6 +10,7 @@ models on CPU (fp32), under megatron-core 0.16.1 and 0.19.2.
   an MoE model and the A.X K1-shaped MLA model (RoPE inside the attention, YaRN, expert bias,
   shared expert);
 - each run really recomputed: the re-runs are counted (one per checkpointed chunk/module);
+- the same with the varlen attention backend (its CPU loop kernel) instead of the reference one;
 - pipeline parallelism (PP2, uneven stages) with full recompute gives the single process's loss,
   gradients and load counts;
 - ``prefpack train``: DPO with full recompute writes the losses of the run without it;
@@ -125,18 +126,22 @@ def reruns(monkeypatch: pytest.MonkeyPatch) -> Counter:
     return counter
 
 
-def _run(name: str, settings: dict[str, Any], reruns: Counter) -> Run:
+def _run(name: str, settings: dict[str, Any], reruns: Counter, backend: str = "auto") -> Run:
     """Loss = sum of every response's log-probs over packed rows (plus the MoE aux loss in
-    backward), one training forward and backward; ``reruns``: the fixture's counter."""
+    backward), one training forward and backward with attention ``backend``; ``reruns``: the
+    fixture's counter."""
     from megatron_prefpack.models.forward import model_forward
 
     reruns.clear()
-    cfg, model = build(name, transformer_overrides=settings)
+    cfg, model = build(name, transformer_overrides=settings, attention_backend=backend)
     model.train()
     groups = make_groups(seed=2, vocab_size=cfg.vocab_size, num_groups=4)
     batch = make_batch(groups, "packed")
     assert max(len(p) for p in batch.placements) > 1 and (batch.doc_ids == -1).any()
-    loss = sum(lp.sum() for lp in response_token_logprobs(model_forward(model, batch), batch).values())
+    loss = sum(
+        lp.sum()
+        for lp in response_token_logprobs(model_forward(model, batch, backend=backend), batch).values()
+    )
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     counts = [r.local_tokens_per_expert.clone() for r in _routers(model) if r.enable_expert_bias]
@@ -174,20 +179,36 @@ def test_recompute_gives_the_same_loss_and_gradients(name: str, mode: str, rerun
     assert not ref.reruns
     got = _run(name, _settings(mode), reruns)
     assert got.reruns == _expected_reruns(got.layer_kinds, mode)
+    _assert_same(got, ref, exact=mode != "layernorm")
+
+
+def _assert_same(got: Run, ref: Run, exact: bool = True) -> None:
+    """Same loss and load counts; gradients bit for bit or (``exact=False``) to float rounding."""
     assert torch.equal(got.loss, ref.loss)
     assert got.grads.keys() == ref.grads.keys() and ref.grads
     for pname, expected in ref.grads.items():
-        if mode == "layernorm":  # same math, another summation order into the residual stream
-            torch.testing.assert_close(
-                got.grads[pname], expected, rtol=1e-5, atol=1e-6 * expected.abs().max()
-            )
-        else:
+        if exact:
             assert torch.equal(got.grads[pname], expected), (
                 f"{pname}: {(got.grads[pname] - expected).abs().max()}"
+            )
+        else:
+            torch.testing.assert_close(
+                got.grads[pname], expected, rtol=1e-5, atol=1e-6 * expected.abs().max()
             )
     assert len(got.load_counts) == len(ref.load_counts)
     for counts, expected in zip(got.load_counts, ref.load_counts, strict=True):
         assert torch.equal(counts, expected)
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+@pytest.mark.parametrize("mode", ["core_attn", "full-uniform-1"])
+def test_recompute_with_the_varlen_backend(mode: str, reruns: Counter) -> None:
+    """The varlen backend's plan (per-segment index lists; its loop kernel on CPU) serves the
+    re-run as it served the forward."""
+    ref = _run("tiny-mla-moe", {}, reruns, backend="varlen")
+    got = _run("tiny-mla-moe", _settings(mode), reruns, backend="varlen")
+    assert got.reruns == _expected_reruns(got.layer_kinds, mode)
+    _assert_same(got, ref)
 
 
 # --- pipeline parallelism with full recompute vs one process ------------------------------------
