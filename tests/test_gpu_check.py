@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["data", "gpu_tests", "bench_attention", "bench_step", "train", "plan"]
@@ -171,6 +172,11 @@ def test_pytest_counts_from_junit_and_summary(tmp_path: Path) -> None:
     log = tmp_path / "p.log"
     log.write_text("....\n2 failed, 5 passed, 1 skipped, 1 error in 3.2s\n")
     assert gpu_check._pytest_summary_counts(log) == {"passed": 5, "failed": 2, "skipped": 1, "errors": 1}
+    log.write_text(
+        "tests/test_a.py::test_x[flex-gqa] PASSED [ 25%]\ntests/test_a.py::test_x[te-mla] SKIPPED (no TE) [ 50%]\n"
+        "tests/test_a.py::test_y FAILED [ 75%]\n"
+    )
+    assert gpu_check._pytest_verbose_counts(log) == {"passed": 1, "failed": 1, "skipped": 1, "errors": 0}
 
 
 def test_plan_gpu_name() -> None:
@@ -204,3 +210,35 @@ def test_a_stage_past_its_limit_is_stopped_and_the_rest_still_run(tmp_path: Path
     later = gpu_check.Stage()
     assert checker.limit_for(later, "plan") is None
     assert later.status == "skipped" and "no time left" in later.reason
+
+
+@pytest.mark.slow
+def test_gpu_tests_stage_counts_the_gpu_tests(tmp_path: Path) -> None:
+    """The stage's own pytest run and its parsing; without CUDA every GPU test skips."""
+    checker = gpu_check.Checker(gpu_check.parse_args(["--out", str(tmp_path)]), gpu_check.GPU)
+    (tmp_path / "logs").mkdir()
+    stage = gpu_check.Stage()
+    checker.stage_gpu_tests(stage, time.monotonic() + 300)
+    result = stage.result
+    assert "tests/test_attention_backends.py" in result["files"], stage
+    assert result["passed"] + result["skipped"] >= 8 and result["failed"] == result["errors"] == 0
+    assert stage.status == "ok" and (torch.cuda.is_available() or result["passed"] == 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without --dry-run this would run the real GPU check")
+def test_without_cuda_the_gpu_check_says_so(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(REPO / "tools" / "gpu_check.sh"), "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["mode"] == "gpu" and not report["summary"]["environment_ok"]
+    for stage in report["stages"].values():
+        assert stage["status"] == "skipped" and "no CUDA device" in stage["reason"]
+    assert "no CUDA device" in (tmp_path / "report.md").read_text()

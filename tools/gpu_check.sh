@@ -24,7 +24,8 @@
 #                    memory, held-out DPO loss and reward accuracy before/after (must improve)
 #   plan             prefpack plan for that config: predicted vs measured peak memory
 #                    ("planner unavailable" where this checkout has no `prefpack plan`)
-# Exit status 0 when no stage failed or timed out, else 1.
+# Exit status: 1 when a stage failed or timed out; else 2 when the environment lacks torch, CUDA
+# or megatron-core (the report says which); else 0.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 

@@ -13,7 +13,8 @@ ends in one of
 
 A stage's time limit is what is left of ``--budget`` after the budgets of the stages still to
 come are set aside: at least its own budget, more when earlier stages finished early, and the
-whole check cannot overrun ``--budget``. Exit status: 0 when no stage failed or timed out, else 1.
+whole check cannot overrun ``--budget``. Exit status: 1 when a stage failed or timed out, else 2
+when the environment lacks what the stages need (torch, CUDA, megatron-core), else 0.
 """
 
 from __future__ import annotations
@@ -235,7 +236,9 @@ class Checker:
         (self.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         (self.out / "report.md").write_text(markdown(report))
         print(f"[gpu_check] report: {self.out / 'report.json'}, {self.out / 'report.md'}", flush=True)
-        return 0 if not report["summary"]["failed"] else 1
+        if report["summary"]["failed"]:
+            return 1
+        return 0 if report["summary"]["environment_ok"] else 2
 
     def probe(self) -> dict[str, Any]:
         """The environment (``probe.py`` in the chosen Python), with megatron-core taken from a
@@ -258,9 +261,9 @@ class Checker:
         if info.get("megatron_core") is None:
             info.setdefault(
                 "megatron_core_note",
-                f"megatron-core is NOT importable in {self.args.python}: the data, bench_step, train and "
-                "plan stages cannot run. Install it, set PYTHON= to an environment that has it, or carry "
-                "a copy (MCORE_SRC=<dir holding megatron/>, or .venv/lib/python3.*/site-packages/megatron)",
+                f"megatron-core is NOT importable in {self.args.python}: only the data stage can run. "
+                "Install it, set PYTHON= to an environment that has it, or carry a copy of its source "
+                "(MCORE_SRC=<dir holding megatron/>, or .venv/lib/python3.*/site-packages/megatron)",
             )
         return info
 
@@ -293,7 +296,7 @@ class Checker:
             return f"torch is not importable in {self.args.python}"
         if not dry and not env.get("cuda_available"):
             return f"no CUDA device visible to {self.args.python} (torch {env.get('torch')})"
-        if name in ("bench_step", "train", "plan") and env.get("megatron_core") is None:
+        if name != "data" and env.get("megatron_core") is None:
             return "megatron-core is not importable (see environment.megatron_core_note)"
         if name in ("bench_step", "train", "plan") and self.stages["data"].status != "ok":
             return "no dataset: stage data did not succeed"
@@ -360,11 +363,11 @@ class Checker:
             stage,
             "gpu_tests",
             self.python(
-                "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *files
+                "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", f"--junitxml={xml}", *files
             ),
             until,
         )
-        counts = _junit_counts(xml) or _pytest_summary_counts(proc.log)
+        counts = _junit_counts(xml) or _pytest_summary_counts(proc.log) or _pytest_verbose_counts(proc.log)
         stage.result = {"files": files, **(counts or {})}
         if proc.timed_out:
             stage.fail("timeout", f"stopped after {proc.seconds:.0f} s")
@@ -509,8 +512,16 @@ class Checker:
                 "ok": [n for n, s in stages.items() if s["status"] == "ok"],
                 "skipped": [n for n, s in stages.items() if s["status"] == "skipped"],
                 "failed": failed,
+                "environment_ok": self.environment_ok(),
             },
         }
+
+    def environment_ok(self) -> bool:
+        """Whether the environment lets every stage of this mode run: torch, CUDA (unless
+        ``--dry-run``) and megatron-core."""
+        env = self.environment
+        has_cuda = self.args.dry_run or bool(env.get("cuda_available"))
+        return env.get("torch") is not None and has_cuda and env.get("megatron_core") is not None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -606,6 +617,25 @@ def _pytest_summary_counts(log: Path) -> dict[str, int] | None:
                 "errors": found.get("error", 0) + found.get("errors", 0),
             }
     return None
+
+
+def _pytest_verbose_counts(log: Path) -> dict[str, int] | None:
+    """Counts from ``pytest -v``'s per-test lines (``path::test[id] PASSED``), for a session that
+    ended before its summary (stopped at the time limit, a failing session hook)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    outcomes = re.findall(r"::\S+ (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", text)
+    if not outcomes:
+        return None
+    count = outcomes.count
+    return {
+        "passed": count("PASSED") + count("XPASS"),
+        "failed": count("FAILED"),
+        "skipped": count("SKIPPED") + count("XFAIL"),
+        "errors": count("ERROR"),
+    }
 
 
 def carried_megatron() -> Path | None:
