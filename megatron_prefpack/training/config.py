@@ -490,6 +490,22 @@ def load_config(
 
     ``check_reference=False`` skips the ``reference`` section's checks (``prefpack
     ref-logprobs`` writes the file that section names). Raises :class:`ConfigError`."""
+    cfg = _read(path, overrides)
+    check_config(cfg, check_reference)
+    return cfg
+
+
+def read_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The config of ``path`` with ``overrides``, values checked and the model resolved, as
+    written for some other machine: no file it names need exist and GPU-only settings are
+    kept (``prefpack plan`` plans a cluster's run from here). Raises :class:`ConfigError`."""
+    cfg = _read(path, overrides)
+    _check_values(cfg)
+    model_config(cfg)
+    return cfg
+
+
+def _read(path: str | Path | None, overrides: Sequence[str]) -> TrainConfig:
     cfg = TrainConfig()
     if path is not None:
         try:
@@ -499,7 +515,6 @@ def load_config(
         cfg = _parse(text, str(path))
     for override in overrides:
         cfg = apply_override(cfg, override)
-    check_config(cfg, check_reference)
     return cfg
 
 

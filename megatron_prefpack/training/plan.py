@@ -82,29 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-# ----------------------------------------------------------------------------- config
-
-
-def load_plan_config(path: str, overrides: list[str]) -> TrainConfig:
-    """The config with overrides, values checked and the model resolved; no file it names
-    (dataset, checkpoints, reference log-probs) need exist, and GPU-only settings are allowed
-    (they are planned for, not run)."""
-    from pathlib import Path
-
-    from megatron_prefpack.training.config import _check_values, _parse, apply_override, model_config
-
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from err
-    cfg = _parse(text, path)
-    for override in overrides:
-        cfg = apply_override(cfg, override)
-    _check_values(cfg)
-    model_config(cfg)
-    return cfg
-
-
 # ----------------------------------------------------------------------------- data statistics
 
 
@@ -276,6 +253,7 @@ def plan(
     built: dict[Any, Any] = {}
     ranks = []
     budget = gpu.memory_bytes - headroom_gib * GIB
+    first_layer = 0  # stages hold consecutive layers unless the pipeline is interleaved
     for stage, rank in enumerate(_stage_ranks(gpus, cfg.parallel.pipeline)):
         key = signature[stage] if signature is not None else stage
         if key not in built:
@@ -292,7 +270,7 @@ def plan(
                 "stage": stage,
                 "ranks_sharing": gpus // cfg.parallel.pipeline,
                 "layers": len(static.shape.layers),
-                "first_layer": static.shape.layers[0] if static.shape.layers else None,
+                "first_layer": first_layer if cfg.parallel.virtual_pipeline is None else None,
                 "embedding": static.shape.embedding,
                 "output": static.shape.output,
                 "params": static.params,
@@ -307,6 +285,7 @@ def plan(
                 "fits": total <= budget,
             }
         )
+        first_layer += len(static.shape.layers)
     timing = step_time(cfg, model_cfg, totals, rows, gpus, gpu, mfu, dp)
     return {
         "fits": all(r["fits"] for r in ranks),
@@ -507,7 +486,12 @@ def format_plan(result: dict[str, Any]) -> str:
     ]
     for r in result["ranks"]:
         first = r["first_layer"]
-        layers = f"{first}-{first + r['layers'] - 1}" if r["layers"] else "-"
+        if not r["layers"]:
+            layers = "-"
+        elif first is None:
+            layers = f"{r['layers']} l."
+        else:
+            layers = f"{first}-{first + r['layers'] - 1}"
         extras = ("E" if r["embedding"] else "") + ("L" if r["output"] else "")
         weights = r["param_bytes"] + r["reference_bytes"]
         lines.append(
@@ -518,8 +502,8 @@ def format_plan(result: dict[str, Any]) -> str:
         )
     budget = result["gpu_memory_bytes"] - result["headroom_bytes"]
     lines += [
-        f"(GiB; E = embedding, L = output layer + loss; x mb = micro-batches (chunks) in flight; weights "
-        f"include an online reference; budget {_gib(budget)} GiB = {_gib(result['gpu_memory_bytes'])} "
+        f"(GiB; E = embedding, L = output layer + loss; x mb = micro-batches (chunks) in flight"
+        f"{'; weights include the online reference' if any(r['reference_bytes'] for r in result['ranks']) else ''}; budget {_gib(budget)} GiB = {_gib(result['gpu_memory_bytes'])} "
         f"less {_gib(result['headroom_bytes'])} headroom)",
         f"fits: {'yes' if result['fits'] else 'NO'}; step time {t['step_time_s']:.2f} s "
         f"({t['flops'] / 1e15:.1f} PFLOP per step, {t['passes']:.0f} passes, MFU {t['mfu']:.2f} of "
@@ -572,7 +556,7 @@ def format_search(results: list[dict[str, Any]], top: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_prefpack.data.group_dataset import DatasetError
-    from megatron_prefpack.training.config import model_config
+    from megatron_prefpack.training.config import model_config, read_config
 
     start = time.monotonic()
     try:
@@ -580,7 +564,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
         if not 0 < args.mfu <= 1 or not args.headroom_gib >= 0:
             raise ConfigError("--mfu must be in (0, 1] and --headroom-gib >= 0")
-        cfg = load_plan_config(args.config, [*args.set, *args.overrides])
+        cfg = read_config(args.config, [*args.set, *args.overrides])
         model_cfg = model_config(cfg)
         rows = row_stats(cfg, args.data)
         gpu = GPUS[args.gpu]
