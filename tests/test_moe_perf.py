@@ -388,3 +388,60 @@ def test_grouped_and_sequential_experts_checkpoints_interchange(
     ):
         assert diffs["logits"] <= 1e-6, f"rank {rank}: {diffs}"
         assert diffs["expert_grads"] <= 1e-5, f"rank {rank}: {diffs}"
+
+
+def _grouped_view(model: torch.nn.Module) -> Any:
+    """``model`` (per-expert experts) as the HF tools see a grouped-GEMM model: the same
+    parameters under ``TEGroupedMLP``'s names (local expert ``j``'s ``linear_fc1.weight`` is
+    ``experts.linear_fc1.weight{j}``), plus the ``_extra_state`` tensors Transformer Engine
+    keeps per grouped linear. Only the names are synthetic; the tensors are the model's."""
+    import re
+    import types
+
+    names: dict[str, Any] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        match = re.fullmatch(
+            r"(.+\.mlp\.experts)\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|_extra_state)", name
+        )
+        if match is None:
+            names[name] = tensor
+        elif match[4] == "weight":
+            names[f"{match[1]}.{match[3]}.weight{match[2]}"] = tensor
+        else:
+            names[f"{match[1]}.{match[3]}._extra_state"] = torch.empty(0, dtype=torch.uint8)
+    assert any(".experts.linear_fc1.weight" in n for n in names) and not any(
+        "local_experts" in n for n in names
+    )
+    return types.SimpleNamespace(decoder=model.decoder, state_dict=lambda keep_vars=False: names)
+
+
+class _Tensors(dict):
+    """A dict of HF tensors read like ``SafetensorsCheckpoint`` (``in``, ``read``)."""
+
+    def read(self, name: str) -> torch.Tensor:
+        return self[name].float()
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_hf_mapping_reads_grouped_expert_names() -> None:
+    """Export from a grouped-GEMM model gives the per-expert model's HF tensors, name for name;
+    import into it fills every expert from the right HF tensors (``[gate; up]`` included)."""
+    from megatron_prefpack.models.hf import ARCHITECTURES, fill_model, hf_tensors
+
+    arch = ARCHITECTURES["axk1"]  # tiny-mla-moe is A.X K1 in miniature
+    cfg, source = build("tiny-mla-moe")
+    _randomize(source, seed=3)
+    exported = dict(hf_tensors(source, arch, cfg))
+    grouped_export = dict(hf_tensors(_grouped_view(source), arch, cfg))
+    assert exported.keys() == grouped_export.keys()
+    assert any(".mlp.experts.7.up_proj.weight" in n for n in exported)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, grouped_export[name]), name
+
+    _, target = build("tiny-mla-moe")
+    _randomize(target, seed=4)
+    report = fill_model(_grouped_view(target), arch, cfg, _Tensors(exported))
+    assert report.filled == len([n for n, t in source.state_dict().items() if isinstance(t, torch.Tensor)])
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name

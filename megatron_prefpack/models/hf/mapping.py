@@ -12,7 +12,10 @@ Megatron's layouts, for reference:
 * ``linear_qkv.weight`` (and its bias) is ``[groups x (q_per_group + k + v) x head_dim]`` on dim
   0, where HF has separate ``q_proj`` ``[heads x head_dim]``, ``k_proj``, ``v_proj``
   ``[groups x head_dim]``;
-* local experts ``mlp.experts.local_experts.{j}`` are global expert ``ep_rank * local + j``.
+* local experts ``mlp.experts.local_experts.{j}`` are global expert ``ep_rank * local + j``;
+  grouped experts (``performance.moe_grouped_gemm``: Transformer Engine's ``TEGroupedMLP``) name
+  local expert ``j``'s weights ``mlp.experts.linear_fc1.weight{j}`` / ``linear_fc2.weight{j}``,
+  each the same ``(out, in)`` tensor as the per-expert layout's, so both share the rules.
 """
 
 from __future__ import annotations
@@ -197,13 +200,27 @@ def top_level_rules(cfg: ModelConfig, reward: bool = False) -> dict[str, Rule]:
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _LOCAL_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.+)")
+_GROUPED_EXPERT = re.compile(r"mlp\.experts\.(linear_fc[12])\.weight(\d+)")
+
+
+def _local_expert(name: str) -> tuple[int, str] | None:
+    """``(local expert index, name inside the expert)`` of a layer-relative expert parameter
+    name in the per-expert or the grouped layout, else None."""
+    match = _LOCAL_EXPERT.fullmatch(name)
+    if match is not None:
+        return int(match[1]), match[2]
+    match = _GROUPED_EXPERT.fullmatch(name)
+    if match is not None:
+        return int(match[2]), f"{match[1]}.weight"
+    return None
 
 
 class ModelMapping:
     """The rules of one rank's model chunk: its state-dict names -> :class:`Rule`.
 
-    Layers are found by their global ``layer_number`` (any pipeline stage); local experts are
-    offset by the expert-parallel rank. Tensors that are not parameters (``_extra_state``) are
+    Layers are found by their global ``layer_number`` (any pipeline stage); local experts
+    (per-expert or grouped names) are offset by the expert-parallel rank. Entries that are not
+    weights (``_extra_state``: None, or a serialized tensor under Transformer Engine) are
     skipped. Raises :class:`ConversionError` for a parameter no rule covers."""
 
     def __init__(self, arch: Architecture, cfg: ModelConfig, model: torch.nn.Module, reward: bool = False):
@@ -217,7 +234,7 @@ class ModelMapping:
         self.tensors = {
             name: tensor
             for name, tensor in model.state_dict(keep_vars=True).items()
-            if isinstance(tensor, torch.Tensor)
+            if isinstance(tensor, torch.Tensor) and not name.endswith("._extra_state")
         }
         self.num_local_experts = _num_local_experts(model)
 
@@ -229,9 +246,10 @@ class ModelMapping:
         if match is None:
             raise ConversionError(f"no Hugging Face tensor is known for parameter {name!r}")
         layer, rest = self.layers[int(match[1])], match[2]
-        expert = _LOCAL_EXPERT.fullmatch(rest)
+        expert = _local_expert(rest)
         if expert is not None:
-            rest = f"mlp.experts.local_experts.{self.expert_rank * self.num_local_experts + int(expert[1])}.{expert[2]}"
+            local, inner = expert
+            rest = f"mlp.experts.local_experts.{self.expert_rank * self.num_local_experts + local}.{inner}"
         if layer not in self._rules:
             self._rules[layer] = self.arch.layer_rules(self.cfg, layer)
         if rest not in self._rules[layer]:
@@ -248,7 +266,7 @@ class ModelMapping:
 
 def _num_local_experts(model: torch.nn.Module) -> int:
     for layer in model.decoder.layers:
-        experts = getattr(getattr(layer.mlp, "experts", None), "local_experts", None)
+        experts = getattr(layer.mlp, "experts", None)  # SequentialMLP or TEGroupedMLP
         if experts is not None:
-            return len(experts)
+            return int(experts.num_local_experts)
     return 0
