@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import itertools
 import sys
 from collections.abc import Iterator
@@ -213,6 +214,12 @@ def _check_vocab(cfg: TrainConfig, model_cfg: Any, dataset: Any) -> None:
             f"({tokenizer_vocab}, {cfg.data.path}/dataset.json)",
             related=["model.preset", "data.path"],
         )
+
+
+def _fill_to_multiple(items: list[Any], multiple: int) -> list[Any]:
+    """``items`` (``MicroBatch``) and uncounted repeats of the first one, up to a multiple of
+    ``multiple`` in number."""
+    return items + [dataclasses.replace(items[0], counted=False)] * (-len(items) % multiple)
 
 
 def _params_finite(model: list[Any], device: Any) -> bool:
@@ -430,6 +437,9 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         if resume and start.parent.resolve() == cfg.save_dir.resolve():
             saved_step, result.checkpoint = step, start
 
+        # Megatron's interleaved schedule runs whole groups of `pipeline` micro-batches.
+        schedule_multiple = par.pipeline if par.virtual_pipeline else 1
+
         def run_eval() -> None:
             """Evaluate the held-out split in pieces of one step's micro-batches; a SIGTERM
             between pieces abandons the evaluation (the caller saves)."""
@@ -446,7 +456,7 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
                 if watcher.should_stop(device):
                     log.info(f"evaluation at step {step} abandoned: SIGTERM")
                     return
-                piece = items[start : start + steps_per_mb]
+                piece = _fill_to_multiple(items[start : start + steps_per_mb], schedule_multiple)
                 ref = reference_for([i.batch for i in piece])
                 for key, value in evaluate(model, piece, objective, keys, forward, ref, device).items():
                     sums[key] = sums.get(key, 0.0) + value
