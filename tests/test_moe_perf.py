@@ -445,3 +445,166 @@ def test_hf_mapping_reads_grouped_expert_names() -> None:
     for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------- flex (DeepEP)
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-qwen3-moe", "tiny-mla-moe"])
+def test_deepep_metadata_recovers_our_routing(name: str) -> None:
+    """The flex dispatcher never reads the routing map itself: Megatron expands ``(probs,
+    routing_map)`` over the TP x EP ranks and DeepEP's manager takes the ``top_k`` largest
+    probabilities as the experts. Run on our router's output (pads included) with Megatron's own
+    two steps (TP2 x EP2), that gives back exactly the routed experts and weights: every token,
+    pad or not, has ``top_k`` experts of positive weight, the rest weight 0."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEFlexTokenDispatcher, _DeepepManager
+
+    from megatron_prefpack.models.moe import PadAwareTopKRouter
+
+    cfg, model = build(name)
+    router = _routers(model)[0]
+    assert isinstance(router, PadAwareTopKRouter)
+    experts, top_k = cfg.moe.num_experts, cfg.moe.top_k
+    hidden = torch.randn(24, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    pads = torch.zeros(24, 2, dtype=torch.bool)
+    pads[17:, 0] = pads[20:, 1] = True
+    model.eval()
+    with torch.no_grad():
+        probs, routing_map = router(hidden, pads)
+    assert routing_map.sum(dim=1).eq(top_k).all() and (probs[routing_map] > 0).all()
+    assert probs[~routing_map].eq(0).all()
+
+    tp, ep = 2, 2
+    flex = types_namespace(tp_size=tp, ep_size=ep, num_local_experts=experts // ep)
+    wide_map, wide_probs = MoEFlexTokenDispatcher._initialize_metadata(flex, routing_map, probs)
+    deepep = types_namespace(num_experts=tp * experts, router_topk=tp * top_k, capacity_factor=None)
+    _DeepepManager.setup_metadata(deepep, wide_map, wide_probs)
+    recovered = torch.zeros(routing_map.shape[0], tp * experts, dtype=torch.bool)
+    recovered.scatter_(1, deepep.token_indices, True)
+    assert torch.equal(recovered, wide_map.reshape(routing_map.shape[0], -1))
+    assert torch.equal(
+        deepep.token_probs, wide_probs.reshape(routing_map.shape[0], -1).gather(1, deepep.token_indices)
+    )
+
+
+def types_namespace(**fields: Any) -> Any:
+    """The attributes a Megatron method reads from ``self``, for calling it without its module."""
+    import types
+
+    return types.SimpleNamespace(**fields)
+
+
+# ----------------------------------------------------------------------------- GPU-only settings
+
+
+def _transformer_engine() -> bool:
+    from megatron_prefpack.platform.features import has_transformer_engine
+
+    return has_transformer_engine()
+
+
+def _bf16_steps(name: str, layout: dict[str, int], variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One rank: the same bf16 weights and batch through each TransformerConfig variant."""
+    from megatron_prefpack.platform import distributed as dist_platform
+
+    dist_platform.initialize(**layout)
+    results, weights = {}, None
+    for label, overrides in variants.items():
+        cfg, model = build(name, overrides, params_dtype="bfloat16", **_moe_cfg_changes(name))
+        if weights is None:
+            weights = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        model.load_state_dict(weights, strict=False)
+        model.train()
+        step = _step(model, _rank_batch(cfg).to(torch.cuda.current_device()))
+        results[label] = {
+            k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in step.items() if k != "grads"
+        }
+        results[label]["grads"] = {k: v.float().cpu() for k, v in step["grads"].items()}
+    return results
+
+
+def _assert_bf16_close(a: dict[str, Any], b: dict[str, Any], what: str) -> None:
+    assert torch.allclose(a["loss"].float(), b["loss"].float(), rtol=2e-2), (
+        f"{what}: {a['loss']} != {b['loss']}"
+    )
+    assert a["grads"].keys() == b["grads"].keys() and a["grads"], what
+    for pname, ref in a["grads"].items():
+        rel = ((b["grads"][pname] - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+        assert rel <= 5e-2, f"{what} {pname}: relative grad diff {rel:.3g}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "setting",
+    [
+        pytest.param({"moe_permute_fusion": True}, id="moe_permute_fusion"),
+        pytest.param({"moe_shared_expert_overlap": True}, id="moe_shared_expert_overlap"),
+    ],
+)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_moe_setting_matches_plain_run(setting: dict[str, Any]) -> None:
+    """tiny-mla-moe (shared expert, post-MoE norm, expert bias) in bf16 on one GPU: one
+    forward/backward with the setting equals the plain alltoall run within bf16 rounding."""
+    if "moe_permute_fusion" in setting and not _transformer_engine():
+        pytest.skip("moe_permute_fusion needs Transformer Engine")
+    (steps,) = run_distributed(_bf16_steps, 1, "tiny-mla-moe", {}, {"plain": {}, "setting": setting})
+    _assert_bf16_close(steps["plain"], steps["setting"], str(setting))
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="flex needs TP x EP > 1: two GPUs")
+def test_gpu_flex_dispatcher_matches_alltoall() -> None:
+    """DeepEP (``flex``) against ``alltoall``, EP2 on two GPUs, bf16."""
+    from megatron_prefpack.platform.features import installed
+
+    if not installed("deep_ep"):
+        pytest.skip("flex needs DeepEP (deep_ep)")
+    variants = {
+        "alltoall": {},
+        "flex": {"moe_token_dispatcher_type": "flex", "moe_flex_dispatcher_backend": "deepep"},
+    }
+    for rank, steps in enumerate(
+        run_distributed(_bf16_steps, 2, "tiny-mla-moe", {"expert_parallel": 2}, variants)
+    ):
+        _assert_bf16_close(steps["alltoall"], steps["flex"], f"flex rank {rank}")
+
+
+def _te_grouped_interchange(name: str, checkpoint_dir: str) -> dict[str, Any]:
+    """One GPU: a per-expert checkpoint (what ``convert_hf_checkpoint`` writes) loaded into
+    ``TEGroupedMLP``; both models' steps, and whether the HF export tensors agree."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_prefpack.models.hf import ARCHITECTURES, hf_tensors
+    from megatron_prefpack.platform import distributed as dist_platform
+
+    dist_platform.initialize()
+    cfg, sequential = build(name, params_dtype="bfloat16", **_moe_cfg_changes(name))
+    _, grouped = build(name, {"moe_grouped_gemm": True}, params_dtype="bfloat16", **_moe_cfg_changes(name))
+    assert type(grouped.decoder.layers[-1].mlp.experts).__name__ == "TEGroupedMLP"
+    dist_checkpointing.save(sequential.sharded_state_dict(), checkpoint_dir)
+    grouped.load_state_dict(dist_checkpointing.load(grouped.sharded_state_dict(), checkpoint_dir))
+    arch = ARCHITECTURES["axk1"]
+    seq_hf, grp_hf = dict(hf_tensors(sequential, arch, cfg)), dict(hf_tensors(grouped, arch, cfg))
+    same_hf = seq_hf.keys() == grp_hf.keys() and all(torch.equal(v, grp_hf[k]) for k, v in seq_hf.items())
+    out: dict[str, Any] = {"same_hf": same_hf}
+    for label, model in (("sequential", sequential), ("grouped", grouped)):
+        model.train()
+        step = _step(model, _rank_batch(cfg).to(torch.cuda.current_device()))
+        out[label] = {"loss": step["loss"].float().cpu(), "aux": step["aux"].cpu()}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_te_grouped_experts_load_a_per_expert_checkpoint(tmp_path: Any) -> None:
+    """The grouped-GEMM layer the training uses on a GPU (``TEGroupedMLP``) loads a checkpoint
+    of per-expert weights, exports the same HF tensors, and gives the same loss (bf16)."""
+    if not _transformer_engine():
+        pytest.skip("moe_grouped_gemm needs Transformer Engine")
+    (out,) = run_distributed(_te_grouped_interchange, 1, "tiny-mla-moe", str(tmp_path))
+    assert out["same_hf"]
+    assert torch.allclose(out["sequential"]["loss"], out["grouped"]["loss"], rtol=2e-2)
