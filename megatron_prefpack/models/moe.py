@@ -14,6 +14,17 @@ the expert-bias count (``routing_map & ~padding_mask`` broadcasts ``(T, E)`` aga
 :class:`PadAwareTopKRouter` in the spec's ``router`` slot fixes that one step. Pad tokens are still
 dispatched to their top-k experts (their outputs are discarded by the loss); with dropless routing
 that cannot change any real token's output.
+
+Performance settings (``performance.moe_*``): the router returns Megatron's own ``(probs,
+routing_map)``, ``(T, E)`` each, every token (pads included) with ``top_k`` experts of positive
+weight. That is all any token dispatcher (``alltoall``, ``allgather``, ``flex``) and either expert
+layout (per-expert ``SequentialMLP``, grouped ``TEGroupedMLP``) read; the routing statistics are
+computed in the router, before dispatch, so they ignore pads with every dispatcher. ``flex``
+(DeepEP) rebuilds each token's experts as the ``top_k`` largest probabilities, which recovers
+this map exactly (``tests/test_moe_perf.py``). :class:`PostNormMoELayer` norms the result of
+``MoELayer.postprocess``, which runs the dispatcher's ``combine_postprocess`` first, where the
+shared expert's output is added under ``moe_shared_expert_overlap``: the norm sees routed +
+shared output in every mode.
 """
 
 from __future__ import annotations
