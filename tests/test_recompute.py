@@ -29,7 +29,7 @@ import importlib.metadata
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +103,10 @@ def _routers(model: torch.nn.Module) -> list[Any]:
     return [layer.mlp.router for layer in model.decoder.layers if layer.is_moe_layer]
 
 
-@pytest.fixture
-def reruns(monkeypatch: pytest.MonkeyPatch) -> Counter:
-    """Counts, while the test runs, how often Megatron re-ran a checkpointed function:
-    ``checkpoint`` (``tensor_parallel.checkpoint``) and ``without_output`` (``CheckpointWithoutOutput``)."""
+def _count_reruns(set_attribute: Callable[[Any, str, Any], None]) -> Counter:
+    """A counter of how often Megatron re-runs a checkpointed function from now on:
+    ``checkpoint`` (``tensor_parallel.checkpoint``), ``without_output`` (``CheckpointWithoutOutput``).
+    ``set_attribute``: ``setattr``, or ``monkeypatch.setattr`` to undo it after the test."""
     from megatron.core.tensor_parallel import random as mcore_random
 
     counter: Counter = Counter()
@@ -121,9 +121,15 @@ def reruns(monkeypatch: pytest.MonkeyPatch) -> Counter:
         counter["without_output"] += self.ctx is not None  # a later hook call is a no-op
         return recompute(self, grad)
 
-    monkeypatch.setattr(mcore_random.CheckpointFunction, "backward", staticmethod(counted_backward))
-    monkeypatch.setattr(mcore_random.CheckpointWithoutOutput, "_recompute", counted_recompute)
+    set_attribute(mcore_random.CheckpointFunction, "backward", staticmethod(counted_backward))
+    set_attribute(mcore_random.CheckpointWithoutOutput, "_recompute", counted_recompute)
     return counter
+
+
+@pytest.fixture
+def reruns(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """:func:`_count_reruns` for the duration of the test."""
+    return _count_reruns(monkeypatch.setattr)
 
 
 def _run(name: str, settings: dict[str, Any], reruns: Counter, backend: str = "auto") -> Run:
@@ -295,20 +301,11 @@ def _train_losses(run_dir: Path) -> list[float]:
 
 
 def _train_counting_reruns(args: list[str]) -> dict:
-    """Rank body: ``tests.test_train._train`` plus how often ``tensor_parallel.checkpoint`` re-ran."""
-    from megatron.core.tensor_parallel import random as mcore_random
-
+    """Rank body: ``tests.test_train._train`` plus the re-runs of :func:`_count_reruns`."""
     from tests.test_train import _train
 
-    reruns = Counter()
-    backward = mcore_random.CheckpointFunction.backward
-
-    def counted_backward(ctx: Any, *grads: Any) -> Any:
-        reruns["checkpoint"] += 1
-        return backward(ctx, *grads)
-
-    mcore_random.CheckpointFunction.backward = staticmethod(counted_backward)  # this rank only
-    return {**_train(args), "reruns": reruns["checkpoint"]}
+    reruns = _count_reruns(setattr)  # this rank process only
+    return {**_train(args), "reruns": dict(reruns)}
 
 
 @pytest.mark.slow
@@ -333,7 +330,7 @@ def test_dpo_training_with_full_recompute_writes_the_same_losses(tmp_path: Path)
     again = run_distributed(
         _train_counting_reruns, 1, overrides(data, tmp_path / "recompute", *common, *recompute)
     )[0]
-    assert (plain["reruns"], again["reruns"]) == (0, 3 * 3)
+    assert (plain["reruns"], again["reruns"]) == ({}, {"checkpoint": 3 * 3})
     losses = _train_losses(tmp_path / "plain")
     assert len(losses) == 3 and losses[-1] != losses[0]
     assert _train_losses(tmp_path / "recompute") == losses
@@ -347,10 +344,14 @@ def test_dpo_training_with_full_recompute_writes_the_same_losses(tmp_path: Path)
     ("extra", "message"),
     [
         ([], "performance.recompute_modules: 'moe_act' needs performance.moe_grouped_gemm: true"),
-        (["performance.moe_grouped_gemm=true"], "performance.moe_grouped_gemm: needs a CUDA GPU"),
+        pytest.param(
+            ["performance.moe_grouped_gemm=true"],
+            "performance.moe_grouped_gemm: needs a CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="refused on machines without a GPU"),
+            id="grouped-gemm",
+        ),
     ],
 )
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
 def test_moe_act_recompute_is_refused_without_a_gpu(tmp_path: Path, extra: list[str], message: str) -> None:
     from megatron_prefpack.training.config import ConfigError, load_config
     from tests.test_train import make_dataset, overrides
