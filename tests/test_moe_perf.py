@@ -5,9 +5,12 @@
   pad tail changes none of the routing statistics (it would without the padding mask);
 * ``flex`` (DeepEP): Megatron's DeepEP manager turns our router's output back into the same
   top-k experts and weights (CPU, Megatron's own conversion); a GPU run is compared to alltoall;
-* grouped GEMM: a checkpoint saved with the grouped experts layout loads into the per-expert
-  layout and back, each expert's weights mapped (megatron-core 0.16.1's ``GroupedMLP``, CPU;
-  0.19 removed it), and the Hugging Face mapping reads TE's grouped parameter names;
+* grouped GEMM: megatron-core 0.16.1's ``GroupedMLP`` (0.19 removed it) shards its checkpoint
+  exactly as the per-expert layout does, a checkpoint of either loads into the other with each
+  expert's weights in place, and the loaded grouped model gives the same logits and gradients
+  in fp32 (CPU; only the CUDA grouped-GEMM kernel is replaced, by a per-expert matmul); the
+  Hugging Face mapping reads TE's grouped parameter names (synthetic names over a real model);
+  on a GPU, ``TEGroupedMLP`` loads a per-expert checkpoint and exports the same HF tensors;
 * ``moe_permute_fusion`` / ``moe_shared_expert_overlap``: one forward/backward on a GPU equals the
   run without them (bf16 tolerance).
 """
@@ -476,9 +479,9 @@ def test_deepep_metadata_recovers_our_routing(name: str) -> None:
     assert probs[~routing_map].eq(0).all()
 
     tp, ep = 2, 2
-    flex = types_namespace(tp_size=tp, ep_size=ep, num_local_experts=experts // ep)
+    flex = _namespace(tp_size=tp, ep_size=ep, num_local_experts=experts // ep)
     wide_map, wide_probs = MoEFlexTokenDispatcher._initialize_metadata(flex, routing_map, probs)
-    deepep = types_namespace(num_experts=tp * experts, router_topk=tp * top_k, capacity_factor=None)
+    deepep = _namespace(num_experts=tp * experts, router_topk=tp * top_k, capacity_factor=None)
     _DeepepManager.setup_metadata(deepep, wide_map, wide_probs)
     recovered = torch.zeros(routing_map.shape[0], tp * experts, dtype=torch.bool)
     recovered.scatter_(1, deepep.token_indices, True)
@@ -488,7 +491,7 @@ def test_deepep_metadata_recovers_our_routing(name: str) -> None:
     )
 
 
-def types_namespace(**fields: Any) -> Any:
+def _namespace(**fields: Any) -> Any:
     """The attributes a Megatron method reads from ``self``, for calling it without its module."""
     import types
 
