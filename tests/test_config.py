@@ -592,7 +592,10 @@ def test_performance_settings_that_disagree_are_refused(config_file, overrides, 
     [
         (["performance.moe_grouped_gemm=true"], "performance.moe_grouped_gemm: needs a CUDA GPU"),
         (["performance.moe_permute_fusion=true"], "performance.moe_permute_fusion: needs a CUDA GPU"),
-        (["performance.moe_token_dispatcher_type=flex"], "needs a CUDA GPU and DeepEP (deep_ep)"),
+        (
+            ["parallel.expert=2", "performance.moe_token_dispatcher_type=flex"],
+            "needs a CUDA GPU and DeepEP (deep_ep)",
+        ),
         (["performance.moe_shared_expert_overlap=true"], "moe_shared_expert_overlap: needs a CUDA GPU"),
         (["performance.fp8=e4m3"], "performance.fp8: needs a CUDA GPU and Transformer Engine"),
         (
@@ -730,3 +733,63 @@ def test_resume_notes_speed_settings_and_refuses_optimizer_state_layout(
     assert [str(c) for c in changes.refused] == refused
     assert [str(c) for c in changes.noted] == noted
     assert changes.applied == []
+
+
+def test_flex_dispatcher_needs_tensor_or_expert_parallel(config_file):
+    message = error_of(config_file(), ["performance.moe_token_dispatcher_type=flex"])
+    assert "'flex' needs parallel.tensor * parallel.expert > 1" in message
+
+
+def test_mlp_recompute_needs_a_dense_layer(config_file):
+    overrides = ["performance.recompute_granularity=selective", "performance.recompute_modules=[mlp]"]
+    assert "'mlp': the model has no dense MLP layer" in error_of(config_file(), overrides)
+    load_config(config_file(), [*overrides, "model.moe.first_k_dense=1"])
+
+
+def megatron_before_017() -> bool:
+    from megatron.core.package_info import __version__
+
+    return tuple(map(int, __version__.split(".")[:2])) < (0, 17)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected_on_016"),
+    [
+        (["performance.recompute_method=uniform", "performance.recompute_num_layers=3"], "does not divide"),
+        (["performance.recompute_method=uniform", "performance.recompute_num_layers=2"], None),
+        (
+            ["performance.recompute_method=block", "performance.recompute_num_layers=1"],
+            "without the pad mask",
+        ),
+        (["performance.recompute_method=block", "performance.recompute_num_layers=2"], None),
+    ],
+)
+def test_full_recompute_cases_megatron_016_gets_wrong_are_refused_there(
+    config_file, overrides, expected_on_016
+):
+    cfg = load_config(
+        config_file(), ["performance.recompute_granularity=full", "parallel.pipeline=2", *overrides]
+    )
+    expected = expected_on_016 if megatron_before_017() else None
+    if expected is None:
+        assert check_parallel_layout(cfg, 2, model_config(cfg)) == 1
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            check_parallel_layout(cfg, 2, model_config(cfg))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "counts"),
+    [
+        ([], [2, 2]),
+        (["parallel.first_stage_layers=1"], [1, 3]),
+        (["parallel.last_stage_layers=1"], [3, 1]),
+        (["parallel.pipeline_layout=Et|t|t|tL", "parallel.virtual_pipeline=2"], [1, 1, 1, 1]),
+        (["parallel.pipeline_layout=Et|tttL"], [1, 3]),
+    ],
+)
+def test_chunk_layer_counts(config_file, overrides, counts):
+    from megatron_prefpack.training.config import chunk_layer_counts
+
+    cfg = load_config(config_file(), ["parallel.pipeline=2", *overrides])
+    assert chunk_layer_counts(cfg, 4) == counts

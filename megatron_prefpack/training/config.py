@@ -686,6 +686,13 @@ def _check_performance(cfg: TrainConfig) -> None:
                 "'shared_experts' cannot be recomputed with performance.moe_shared_expert_overlap",
                 related=["performance.moe_shared_expert_overlap"],
             )
+    if perf.moe_token_dispatcher_type == "flex" and par.tensor * par.expert == 1:
+        raise config_error(
+            cfg,
+            "performance.moe_token_dispatcher_type",
+            "'flex' needs parallel.tensor * parallel.expert > 1 (Megatron's rule)",
+            related=["parallel.tensor", "parallel.expert"],
+        )
     if perf.moe_shared_expert_overlap and perf.moe_token_dispatcher_type != "alltoall":
         raise config_error(
             cfg,
@@ -768,10 +775,10 @@ _NEEDS: dict[str, tuple[Callable[[TrainConfig], bool], tuple[str, ...]]] = {
 
 def _check_runtime_support(cfg: TrainConfig, model: Any) -> None:
     """Settings this machine or model cannot run are refused, naming the key and the reason."""
-    from megatron_prefpack.platform.features import missing_for
+    from megatron_prefpack.platform import features
 
     for key, (enabled, needs) in _NEEDS.items():
-        reason = missing_for(needs) if enabled(cfg) else None
+        reason = features.missing_for(needs) if enabled(cfg) else None
         if reason:
             raise config_error(cfg, key, reason)
     perf = cfg.performance
@@ -800,6 +807,13 @@ def _check_runtime_support(cfg: TrainConfig, model: Any) -> None:
         )
     if perf.moe_shared_expert_overlap and not model.moe.shared_expert_ffn_hidden_size:
         raise config_error(cfg, "performance.moe_shared_expert_overlap", "the model has no shared expert")
+    if "mlp" in modules and model.moe is not None and not model.moe_layer_pattern().count(0):
+        raise config_error(cfg, "performance.recompute_modules", "'mlp': the model has no dense MLP layer")
+    if "layernorm" in modules and features.has_cuda() and not features.installed("transformer_engine"):
+        # Megatron's output-discarding checkpoint asks Transformer Engine about FP8 on a GPU.
+        raise config_error(
+            cfg, "performance.recompute_modules", "'layernorm' on a GPU needs Transformer Engine"
+        )
     if "mla_up_proj" in modules and model.mla is None:
         raise config_error(
             cfg, "performance.recompute_modules", "'mla_up_proj' needs an MLA model (model.mla)"
@@ -937,6 +951,7 @@ def check_parallel_layout(cfg: TrainConfig, world_size: int, model: Any) -> int:
             related=["model.moe.num_experts"],
         )
     _check_pipeline_split(cfg, model.num_layers)
+    _check_recompute_split(cfg, model)
     if par.virtual_pipeline is not None and par.pipeline < 2:
         raise config_error(
             cfg, "parallel.virtual_pipeline", "needs parallel.pipeline >= 2", related=["parallel.pipeline"]
@@ -1019,6 +1034,60 @@ def _check_pipeline_split(cfg: TrainConfig, num_layers: int) -> None:
             f"{middle_layers} of the {num_layers} layers are left for {middle_stages} other "
             f"stage(s) after {given}: they must split evenly, at least one each",
             related=[f"parallel.{key}" for key in given] + ["model.num_layers"],
+        )
+
+
+def chunk_layer_counts(cfg: TrainConfig, num_layers: int) -> list[int]:
+    """Transformer layers in each model chunk (pipeline stage, or virtual stage of one),
+    for a split that :func:`_check_pipeline_split` accepted."""
+    par = cfg.parallel
+    if par.pipeline_layout is not None:
+        from megatron.core.transformer.enums import LayerType
+        from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+        layout = PipelineParallelLayerLayout(par.pipeline_layout, par.pipeline).layout
+        return [chunk.count(LayerType.decoder) for stage in layout for chunk in stage]
+    if par.first_stage_layers is None and par.last_stage_layers is None:
+        chunks = par.pipeline * (par.virtual_pipeline or 1)
+        return [num_layers // chunks] * chunks
+    edges = [n for n in (par.first_stage_layers, par.last_stage_layers) if n is not None]
+    middle = (num_layers - sum(edges)) // max(par.pipeline - len(edges), 1)
+    counts = [middle] * (par.pipeline - len(edges))
+    if par.first_stage_layers is not None:
+        counts.insert(0, par.first_stage_layers)
+    if par.last_stage_layers is not None:
+        counts.append(par.last_stage_layers)
+    return counts
+
+
+def _check_recompute_split(cfg: TrainConfig, model: Any) -> None:
+    """megatron-core before 0.17 mis-handles two full-recompute cases (fixed in 0.19): a
+    ``uniform`` chunk size that does not divide a stage's layers fails at the first step, and
+    a ``block`` window shorter than a stage of an MoE model runs the layers after it without
+    the pad mask (pads then enter routing statistics silently). Both are refused there."""
+    from megatron.core.package_info import __version__ as megatron_version
+
+    perf = cfg.performance
+    if perf.recompute_granularity != "full" or tuple(map(int, megatron_version.split(".")[:2])) >= (0, 17):
+        return
+    counts = chunk_layer_counts(cfg, model.num_layers)
+    n = perf.recompute_num_layers
+    if perf.recompute_method == "uniform" and any(c % n for c in counts if c):
+        raise config_error(
+            cfg,
+            "performance.recompute_num_layers",
+            f"{n} does not divide the layers of every pipeline stage ({counts}); megatron-core "
+            f"{megatron_version} needs that for recompute_method: uniform (0.19 does not)",
+            related=["performance.recompute_method"],
+        )
+    if perf.recompute_method == "block" and model.moe is not None and any(n < c for c in counts):
+        raise config_error(
+            cfg,
+            "performance.recompute_num_layers",
+            f"{n} is less than a stage's layers ({counts}): megatron-core {megatron_version} would "
+            "run the MoE layers after the block without the pad mask; recompute whole stages, use "
+            "recompute_method: uniform, or megatron-core >= 0.19",
+            related=["performance.recompute_method"],
         )
 
 
