@@ -242,3 +242,23 @@ def test_without_cuda_the_gpu_check_says_so(tmp_path: Path) -> None:
     for stage in report["stages"].values():
         assert stage["status"] == "skipped" and "no CUDA device" in stage["reason"]
     assert "no CUDA device" in (tmp_path / "report.md").read_text()
+
+
+def test_given_data_is_used_with_its_tokenizer(tmp_path: Path) -> None:
+    """``--data``: a dataset preprocessed elsewhere, its tokenizer found beside it after a copy."""
+    data = tmp_path / "copied" / "hh"
+    data.mkdir(parents=True)
+    (tmp_path / "copied" / "tok.model").write_bytes(b"x")
+    info = {"num_groups": 7, "tokenizer": {"path": "/elsewhere/tok.model", "vocab_size": 300}, "summary": {}}
+    (data / "dataset.json").write_text(json.dumps(info))
+    checker = gpu_check.Checker(
+        gpu_check.parse_args(["--out", str(tmp_path / "o"), "--data", str(data)]), gpu_check.GPU
+    )
+    stage = gpu_check.Stage()
+    checker.stage_data(stage, time.monotonic() + 10)
+    assert stage.status == "ok" and stage.result["groups"] == 7 and stage.result["vocab_size"] == 300
+    assert stage.result["tokenizer"] == str(tmp_path / "copied" / "tok.model")
+    checker.args.data = tmp_path
+    missing = gpu_check.Stage()
+    checker.stage_data(missing, time.monotonic() + 10)
+    assert missing.status == "failed" and "no dataset.json" in missing.reason

@@ -9,7 +9,8 @@ unpacked and duplicated rows, next to the token ratios they should follow, and o
 layout's peak allocated GPU memory (``torch.cuda.max_memory_allocated`` after resetting the peak
 at the layout's start: weights, gradients and that layout's activations; ``null`` on CPU). One
 process; the device is CUDA when present (set ``--backend``), else CPU with the reference
-attention. ``--dtype`` sets the parameter dtype (default: the preset's).
+attention. ``--dtype`` sets the parameter dtype (default: the preset's); a bf16/fp16 model runs
+inside Megatron's ``Float16Module`` as in training.
 """
 
 from __future__ import annotations
@@ -162,6 +163,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         torch.manual_seed(0)
         model = build_model(cfg)
+        if cfg.params_dtype != "float32":
+            # As in training (model_setup.wrap_for_training): every weight, norms included, in
+            # bf16/fp16, and float32 logits out.
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(model.config, model)
         device = next(model.parameters()).device
         figures = {layout: _time_layout(model, data, lengths, layout, args, device) for layout in LAYOUTS}
     finally:

@@ -315,6 +315,9 @@ class Checker:
                 )
                 return
             stage.status, stage.result = "ok", {"path": str(self.args.data), "given": True, **info}
+            tokenizer = _dataset_tokenizer(self.args.data)
+            if tokenizer is not None:
+                stage.result["tokenizer"] = str(tokenizer)
             return
         if self.environment.get("sentencepiece") is None:
             stage.fail(
@@ -473,15 +476,6 @@ class Checker:
         if config is None:
             stage.reason = "the train stage wrote no config"
             return
-        proc = self.run(
-            stage,
-            "plan_available",
-            self.python("-c", "from megatron_prefpack.cli import SUBCOMMANDS; assert 'plan' in SUBCOMMANDS"),
-            until,
-        )
-        if proc.rc != 0:
-            stage.reason = "planner unavailable (`prefpack plan` is not a command of this checkout)"
-            return
         gpu = self.args.plan_gpu or plan_gpu_name(self.environment.get("gpu"), self.scale.plan_gpu)
         proc, plan = self.run_json(
             stage,
@@ -489,6 +483,9 @@ class Checker:
             self.prefpack("plan", "--config", config, "--gpus", "1", "--gpu", gpu, "--json"),
             until,
         )
+        if proc.rc == 2 and "invalid choice: 'plan'" in proc.tail(5):
+            stage.reason = "planner unavailable (`prefpack plan` is not a command of this checkout)"
+            return
         if proc.rc != 0 or not isinstance(plan, dict):
             stage.fail(_status(proc), _why(proc))
             return
@@ -584,6 +581,16 @@ def _dataset_info(path: Path | str) -> dict[str, Any] | None:
         "vocab_size": info.get("tokenizer", {}).get("vocab_size"),
         "summary": summary,
     }
+
+
+def _dataset_tokenizer(path: Path) -> Path | None:
+    """The tokenizer file a dataset was made with: where ``dataset.json`` says, else a file of
+    that name beside the dataset directory (both copied to another machine); None if neither."""
+    recorded = ((_read_json(path / "dataset.json") or {}).get("tokenizer") or {}).get("path")
+    if not recorded:
+        return None
+    candidates = [Path(recorded), path.parent / Path(recorded).name]
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def _junit_counts(xml: Path) -> dict[str, int] | None:
