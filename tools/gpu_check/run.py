@@ -787,6 +787,12 @@ def _num(value: Any, fmt: str = ".3f") -> str:
     return "-" if not isinstance(value, (int, float)) else format(value, fmt)
 
 
+def _count(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value / 1e9:.2f} B" if value >= 1e9 else f"{value / 1e6:.2f} M"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return [*lines, *("| " + " | ".join(row) + " |" for row in rows), ""]
@@ -921,7 +927,7 @@ def _md_bench_step(stage: dict) -> list[str]:
     return [
         "## Model step (`prefpack bench step`)",
         "",
-        f"{r['model']} ({r.get('parameters', 0) / 1e9:.2f} B parameters, {r.get('dtype')}) on {r['device']}: "
+        f"{r['model']} ({_count(r.get('parameters'))} parameters, {r.get('dtype')}) on {r['device']}: "
         f"forward + backward over {r['groups']} preference pairs (groups/s = pairs/s) in rows of {r['seq_len']}.",
         "",
         *_table(header, rows),
