@@ -602,14 +602,21 @@ def test_performance_settings_that_disagree_are_refused(config_file, overrides, 
             ["parallel.tensor=2", "parallel.sequence_parallel=true", "performance.tp_comm_overlap=true"],
             "performance.tp_comm_overlap: needs a CUDA GPU",
         ),
-        (["optimizer.use_precision_aware_optimizer=true"], "use_precision_aware_optimizer: needs a CUDA GPU"),
+        (
+            ["parallel.distributed_optimizer=true", "optimizer.use_precision_aware_optimizer=true"],
+            "use_precision_aware_optimizer: needs a CUDA GPU",
+        ),
         (
             ["performance.gradient_accumulation_fusion=true"],
             "needs a CUDA GPU and apex's fused_weight_gradient_mlp_cuda",
         ),
         (
-            ["parallel.distributed_optimizer=true", "optimizer.optimizer_cpu_offload=true"],
-            "optimizer.optimizer_cpu_offload: needs a CUDA GPU",
+            [
+                "parallel.distributed_optimizer=true",
+                "optimizer.use_precision_aware_optimizer=true",
+                "optimizer.optimizer_cpu_offload=true",
+            ],
+            "needs a CUDA GPU",
         ),
     ],
 )
@@ -793,3 +800,38 @@ def test_chunk_layer_counts(config_file, overrides, counts):
 
     cfg = load_config(config_file(), ["parallel.pipeline=2", *overrides])
     assert chunk_layer_counts(cfg, 4) == counts
+
+
+def test_resume_refuses_bucket_layout_changes_with_the_distributed_optimizer(config_file):
+    saved = load_config(config_file(), ["parallel.distributed_optimizer=true"])
+    for override, change in (
+        ("ddp.bucket_size=1000", "ddp.bucket_size: None -> 1000"),
+        ("ddp.overlap_grad_reduce=true", "ddp.overlap_grad_reduce: False -> True"),
+    ):
+        changes = resume_changes(saved, apply_override(saved, override))
+        assert [str(c) for c in changes.refused] == [change]
+        assert changes.noted == []
+    assert resume_changes(saved, apply_override(saved, "ddp.grad_reduce_in_fp32=false")).refused == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["optimizer.use_precision_aware_optimizer=true"], "needs parallel.distributed_optimizer: true"),
+        (
+            ["parallel.distributed_optimizer=true", "optimizer.optimizer_cpu_offload=true"],
+            "needs optimizer.use_precision_aware_optimizer: true",
+        ),
+    ],
+)
+def test_optimizer_settings_megatron_asserts_on_are_refused(config_file, overrides, expected):
+    assert expected in error_of(config_file(), overrides)
+
+
+def test_virtual_pipeline_needs_microbatches_in_multiples_of_the_pipeline(config_file):
+    cfg = load_config(
+        config_file(),
+        ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "data.global_batch_size=6"],
+    )
+    with pytest.raises(ConfigError, match="3 micro-batches per data-parallel rank, not a multiple"):
+        check_parallel_layout(cfg, 2, model_config(cfg))

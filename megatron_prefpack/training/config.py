@@ -714,12 +714,20 @@ def _check_performance(cfg: TrainConfig) -> None:
             "needs parallel.distributed_optimizer: true and ddp.overlap_grad_reduce: true",
             related=["parallel.distributed_optimizer", "ddp.overlap_grad_reduce"],
         )
-    if opt.optimizer_cpu_offload and not par.distributed_optimizer:
+    for key in ("use_precision_aware_optimizer", "optimizer_cpu_offload"):
+        if getattr(opt, key) and not par.distributed_optimizer:
+            raise config_error(
+                cfg,
+                f"optimizer.{key}",
+                "needs parallel.distributed_optimizer: true",
+                related=["parallel.distributed_optimizer"],
+            )
+    if opt.optimizer_cpu_offload and not opt.use_precision_aware_optimizer:
         raise config_error(
             cfg,
             "optimizer.optimizer_cpu_offload",
-            "needs parallel.distributed_optimizer: true",
-            related=["parallel.distributed_optimizer"],
+            "needs optimizer.use_precision_aware_optimizer: true (Megatron's rule)",
+            related=["optimizer.use_precision_aware_optimizer"],
         )
     for key in ("exp_avg_dtype", "exp_avg_sq_dtype"):
         if getattr(opt, key) != "float32" and not opt.use_precision_aware_optimizer:
@@ -983,6 +991,16 @@ def check_parallel_layout(cfg: TrainConfig, world_size: int, model: Any) -> int:
             f"{cfg.data.micro_batch_size}*{dp}",
             related=["data.micro_batch_size"],
         )
+    microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)
+    if par.virtual_pipeline is not None and microbatches % par.pipeline:
+        raise config_error(
+            cfg,
+            "data.global_batch_size",
+            f"{cfg.data.global_batch_size} rows = {microbatches} micro-batches per data-parallel rank, "
+            f"not a multiple of parallel.pipeline {par.pipeline}: Megatron's interleaved schedule "
+            "needs that with a virtual pipeline",
+            related=["data.micro_batch_size", "parallel.virtual_pipeline", "parallel.pipeline"],
+        )
     return dp
 
 
@@ -1195,7 +1213,8 @@ def resume_changes(saved: TrainConfig, current: TrainConfig) -> ResumeChanges:
     * applied (the trainer takes them into the resumed schedule and announces them): the other
       ``optimizer.*`` settings;
     * noted (they change speed and memory, not what is trained; announced): ``performance.*``
-      and ``ddp.*``;
+      and ``ddp.*`` (with the distributed optimizer, whose state is saved per gradient bucket,
+      ``ddp.bucket_size`` and ``ddp.overlap_grad_reduce`` are refused);
     * free, not reported: everything else (``run.train_steps``, intervals, ``run.dir``,
       ``run.tensorboard``, ``run.timeout_minutes``, ``run.max_nonfinite_steps``,
       ``checkpoint.*``, ``reference.path`` / ``reference.load``).
@@ -1204,9 +1223,13 @@ def resume_changes(saved: TrainConfig, current: TrainConfig) -> ResumeChanges:
     model does not resolve."""
     old, new = _settings(saved), _settings(current)
     changes = [Change(key, old.get(key), new.get(key)) for key in old | new if old.get(key) != new.get(key)]
-    refused = [change for change in changes if _under(change.key, _REFUSED_ON_RESUME)]
+    refused_roots = _REFUSED_ON_RESUME
+    if current.parallel.distributed_optimizer:
+        # Its state is saved per gradient bucket: another bucket layout cannot load it.
+        refused_roots = (*refused_roots, "ddp.bucket_size", "ddp.overlap_grad_reduce")
+    refused = [change for change in changes if _under(change.key, refused_roots)]
     return ResumeChanges(
         refused=refused,
         applied=[c for c in changes if _under(c.key, _APPLIED_ON_RESUME) and c not in refused],
-        noted=[c for c in changes if _under(c.key, _NOTED_ON_RESUME)],
+        noted=[c for c in changes if _under(c.key, _NOTED_ON_RESUME) and c not in refused],
     )
