@@ -16,12 +16,16 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from megatron_prefpack.data import packing
 from megatron_prefpack.data.layout import GroupPlacement
+
+if TYPE_CHECKING:
+    from megatron_prefpack.models.config import ModelConfig
 
 
 def reduce_sums(sums: Mapping[str, float], contribute: bool, device: torch.device) -> dict[str, float]:
@@ -76,8 +80,19 @@ def count_parameters(modules: Iterable[torch.nn.Module], moe_topk: int, num_expe
     return int(dense + routed), int(active)
 
 
+def attention_width(model_cfg: ModelConfig) -> float:
+    """``attn_dim`` of :func:`step_flops` for a ``ModelConfig``: per visible pair and layer,
+    QK^T costs 2 x (query/key width) and PV 2 x (value width) FLOPs over all heads, so
+    ``attn_dim`` = heads x (qk + v head dims) / 2 (MLA: qk = nope + rope dims)."""
+    heads = model_cfg.num_attention_heads
+    if model_cfg.mla is not None:
+        mla = model_cfg.mla
+        return heads * (mla.qk_head_dim + mla.qk_pos_emb_head_dim + mla.v_head_dim) / 2
+    return heads * (model_cfg.kv_channels or model_cfg.hidden_size // heads)
+
+
 def step_flops(
-    active_params: int, tokens: int, pairs: int, layers: int, attn_dim: int, passes: float
+    active_params: int, tokens: int, pairs: int, layers: int, attn_dim: float, passes: float
 ) -> float:
     """Estimated FLOPs of one step: 2 FLOPs per active parameter and token per forward, plus
     4 * attn_dim per visible attention pair and layer (QK^T and PV); ``passes`` counts the

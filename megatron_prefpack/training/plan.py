@@ -156,15 +156,6 @@ def model_totals(cfg: TrainConfig, model_cfg: Any) -> ModelTotals:
     return ModelTotals(total, active, routed)
 
 
-def _attention_width(model_cfg: Any) -> float:
-    """``attn_dim`` of ``step_flops``: 4 x attn_dim FLOPs per visible pair and layer (QK^T + PV)."""
-    a = model_cfg.num_attention_heads
-    if model_cfg.mla is not None:
-        mla = model_cfg.mla
-        return a * (mla.qk_head_dim + mla.qk_pos_emb_head_dim + mla.v_head_dim) / 2
-    return a * (model_cfg.kv_channels or model_cfg.hidden_size // a)
-
-
 def step_time(
     cfg: TrainConfig,
     model_cfg: Any,
@@ -176,7 +167,7 @@ def step_time(
     dp: int,
 ) -> dict[str, Any]:
     """FLOPs, time and throughput of one global batch (see the module docstring)."""
-    from megatron_prefpack.training.metrics import step_flops
+    from megatron_prefpack.training.metrics import attention_width, step_flops
 
     batch = cfg.data.global_batch_size
     passes = 3.0
@@ -187,7 +178,7 @@ def step_time(
         batch * rows.row_length,
         round(batch * rows.attention_pairs),
         model_cfg.num_layers,
-        _attention_width(model_cfg),
+        attention_width(model_cfg),
         passes,
     )
     peak = gpu.bf16_tflops * (2 if cfg.performance.fp8 else 1) * 1e12

@@ -285,7 +285,12 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         to_yaml,
     )
     from megatron_prefpack.training.data import build_data
-    from megatron_prefpack.training.metrics import MetricsLogger, count_parameters, step_flops
+    from megatron_prefpack.training.metrics import (
+        MetricsLogger,
+        attention_width,
+        count_parameters,
+        step_flops,
+    )
     from megatron_prefpack.training.model_setup import (
         apply_optimizer_settings,
         attach_reward_heads,
@@ -420,9 +425,7 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         log.info(
             f"parameters: {total_params / 1e6:.2f} M total, {active_params / 1e6:.2f} M active per token"
         )
-        attn_dim = (model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads) * (
-            model_cfg.num_attention_heads
-        )
+        attn_dim = attention_width(model_cfg)
         passes = 3.0 + (1.0 if online is not None else 0.0)
         sampler = data.sampler(dp_rank, dp, cfg, consumed_rows)
         batch_iter = iter(sampler)
