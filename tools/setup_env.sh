@@ -8,18 +8,21 @@
 # torch spec downloads GBs of CUDA packages. MCORE picks the megatron-core release:
 #   unset   -> whatever pip resolves (0.16.1 on Python 3.11, 0.19.x on Python 3.12)
 #   0.19.x  on Python 3.11 -> installed with --ignore-requires-python (+ triton, numpy<2.5)
+# Test-only: peft (tests/test_lora_peft.py loads exported LoRA adapters with it), pinned to a release
+# that works with transformers 5.24, installed with torch pinned on the same line.
 # Prints the path of the environment's python on its last line.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${1:-$repo/.venv}"
 python="${PYTHON:-python3}"
+PEFT=0.21.2
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating $venv" >&2
   "$python" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-stamp="$venv/.prefpack-setup-${MCORE:-default}-$(sha1sum "$repo/pyproject.toml" | cut -c1-12)"
+stamp="$venv/.prefpack-setup-${MCORE:-default}-$(cat "$repo/pyproject.toml" "${BASH_SOURCE[0]}" | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ]; then
   echo "[setup] $venv is up to date" >&2
   echo "$venv/bin/python"
@@ -42,10 +45,12 @@ if [ -n "${MCORE:-}" ]; then
 fi
 echo "[setup] installing megatron-prefpack[dev] with ${pins[*]}" >&2
 "${pip[@]}" install -e "$repo[dev]" "${pins[@]}" >&2
+echo "[setup] installing peft==$PEFT (test-only) with torch==2.13.0" >&2
+"${pip[@]}" install "peft==$PEFT" "torch==2.13.0" >&2
 "$venv/bin/python" - <<'PY' >&2
-import megatron.core, torch, megatron_prefpack
+import megatron.core, peft, torch, megatron_prefpack
 print(f"[setup] torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
-      f"megatron-prefpack {megatron_prefpack.__version__}")
+      f"peft {peft.__version__}, megatron-prefpack {megatron_prefpack.__version__}")
 PY
 touch "$stamp"
 echo "$venv/bin/python"
