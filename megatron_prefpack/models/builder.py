@@ -142,7 +142,8 @@ def build_model(
 
     ``transformer_config`` defaults to ``to_transformer_config(cfg, **parallel_layout())``.
     ``pre_process``/``post_process`` default to whether this rank (and ``vp_stage``) holds the
-    first/last pipeline stage. Parameters are created in ``cfg.params_dtype`` on the current
+    first/last pipeline stage. With ``cfg.lora`` the decoder's target linears carry LoRA
+    adapters (:func:`~megatron_prefpack.models.lora.apply_lora`; nothing is frozen here). Parameters are created in ``cfg.params_dtype`` on the current
     device (CUDA when available); wrapping (DDP, ``Float16Module``) is the caller's.
     """
     tcfg = (
@@ -170,6 +171,10 @@ def build_model(
         llama3_rope=cfg.llama3_rope,
         vp_stage=vp_stage,
     )
+    if cfg.lora is not None:
+        from megatron_prefpack.models.lora import apply_lora
+
+        apply_lora(model, cfg.lora)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -225,6 +225,77 @@ class Llama3RopeConfig:
             )
 
 
+LORA_TARGETS = (
+    "linear_qkv",
+    "linear_proj",
+    "linear_q_proj",
+    "linear_q_down_proj",
+    "linear_q_up_proj",
+    "linear_kv_down_proj",
+    "linear_kv_up_proj",
+    "linear_fc1",
+    "linear_fc2",
+)
+"""Megatron leaf names LoRA can adapt: standard attention (``linear_qkv``, ``linear_proj``), MLA
+(``linear_q_proj`` without q compression, ``linear_q_down_proj``, ``linear_q_up_proj``,
+``linear_kv_down_proj``, ``linear_kv_up_proj``, ``linear_proj``) and MLPs (``linear_fc1``,
+``linear_fc2``: dense MLPs, shared experts, and routed experts with ``routed_experts``)."""
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the decoder's linears (``model.lora``; see :mod:`megatron_prefpack.models.lora`).
+
+    Each adapted linear computes ``W x + (alpha / rank) * B A dropout(x)``; ``B`` starts at 0, so
+    the adapted model starts as the base model. ``target_modules`` are Megatron leaf names (see
+    :data:`LORA_TARGETS`); a name the model does not have (``linear_qkv`` in an MLA model) adapts
+    nothing. ``routed_experts`` also adapts every routed expert's ``linear_fc1``/``linear_fc2``
+    (one adapter per expert), otherwise only dense MLPs and shared experts are adapted. The
+    output layer, embeddings and a reward head are never adapted.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    )
+    routed_experts: bool = False
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``, the factor on the adapter's output."""
+        return self.alpha / self.rank
+
+    def validate(self) -> None:
+        """Raise :class:`ModelConfigError` naming the offending ``lora.`` field."""
+        if type(self.rank) is not int:
+            raise ModelConfigError("lora.rank", f"must be an integer, got {self.rank!r}")
+        _check_numbers(self, "lora.", at_least_one=("rank",), positive=("alpha",))
+        if not 0 <= self.dropout < 1:
+            raise ModelConfigError("lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        targets = self.target_modules
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ModelConfigError(
+                "lora.target_modules", f"must be a non-empty list of module names, got {targets!r}"
+            )
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ModelConfigError(
+                "lora.target_modules", f"{unknown[0]!r} is not one of {', '.join(LORA_TARGETS)}"
+            )
+        if len(set(targets)) != len(targets):
+            raise ModelConfigError("lora.target_modules", f"repeats a module: {targets}")
+        if not isinstance(self.routed_experts, bool):
+            raise ModelConfigError(
+                "lora.routed_experts", f"must be true or false, got {self.routed_experts!r}"
+            )
+        if self.routed_experts and not {"linear_fc1", "linear_fc2"} & set(targets):
+            raise ModelConfigError(
+                "lora.routed_experts", "needs linear_fc1 and/or linear_fc2 in lora.target_modules"
+            )
+
+
 @dataclass
 class ModelConfig:
     """Architecture of a GPT-style decoder (dense, MoE, MLA).
@@ -235,7 +306,8 @@ class ModelConfig:
     ``rotary_percent * head_dim`` channels of each head with rotate-half pairing (GLM-4.5's
     ``partial_rotary_factor``) and passes the rest through; ``llama3_rope`` scales its
     frequencies as Llama 3.1+. ``attention_backend`` names the prefix-shared attention backend
-    (see ``megatron_prefpack.attention``).
+    (see ``megatron_prefpack.attention``). ``lora`` adds low-rank adapters to the built model
+    (:class:`LoRAConfig`; Megatron's TransformerConfig does not see it).
 
     Standard attention only: ``qk_layernorm`` is an RMSNorm (eps ``norm_epsilon``) over each
     query and key head before RoPE (Qwen3); ``attention_bias`` is a bias on the Q, K and V
@@ -265,6 +337,7 @@ class ModelConfig:
     attention_backend: str = "auto"
     params_dtype: str = "float32"
     init_method_std: float = 0.02
+    lora: LoRAConfig | None = None
     name: str = field(default="custom", compare=False)
 
     def validate(self) -> None:
@@ -286,12 +359,14 @@ class ModelConfig:
             raise ModelConfigError(
                 "num_query_groups", f"{groups} does not divide num_attention_heads={self.num_attention_heads}"
             )
-        for section in (self.moe, self.mla, self.yarn, self.llama3_rope):
+        for section in (self.moe, self.mla, self.yarn, self.llama3_rope, self.lora):
             if section is not None:
                 section.validate()
         self._check_attention_features()
         if self.moe is not None:
             self._check_moe_placement()
+        if self.lora is not None and self.lora.routed_experts and self.moe is None:
+            raise ModelConfigError("lora.routed_experts", "needs an MoE model (moe)")
 
     def _check_attention_features(self) -> None:
         if self.llama3_rope is not None and (self.position_embedding != "rope" or self.mla is not None):
@@ -372,7 +447,13 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> ModelConfig:
         """Build from a plain mapping (e.g. a YAML section) and validate it. Raises
         :class:`ModelConfigError` with ``key`` = ``where.field`` (unknown, missing or bad)."""
-        nested = {"moe": MoEConfig, "mla": MLAConfig, "yarn": YarnConfig, "llama3_rope": Llama3RopeConfig}
+        nested = {
+            "moe": MoEConfig,
+            "mla": MLAConfig,
+            "yarn": YarnConfig,
+            "llama3_rope": Llama3RopeConfig,
+            "lora": LoRAConfig,
+        }
         kwargs = _checked_kwargs(cls, data, where)
         for key, sub in nested.items():
             if isinstance(kwargs.get(key), dict):
