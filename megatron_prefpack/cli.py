@@ -65,6 +65,10 @@ SUBCOMMANDS: dict[str, Command | CommandGroup] = {
         "megatron_prefpack.training.train",
         "train with DPO, reward-model or multi-response SFT losses (torchrun / srun)",
     ),
+    "merge-lora": Command(
+        "megatron_prefpack.training.merge_lora",
+        "fold a LoRA run's adapters into its base model: a full checkpoint (torchrun for large models)",
+    ),
 }
 
 

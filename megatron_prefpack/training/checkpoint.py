@@ -22,6 +22,13 @@ missing or is not listed stops the load, named), then reads Megatron's files thr
 :func:`~megatron_prefpack.training.safe_pickle.restricted_reads`: nothing in a checkpoint can
 run code in the process that loads it.
 
+LoRA (``model.lora``). A LoRA run's checkpoint holds only what the run trains (the adapters,
+and a reward head if any) with their optimizer state, schedule, data position and RNG; its
+``prefpack.json`` names the full checkpoint the adapters apply to (``base``: path, step and
+manifest digest). :func:`load` reads such a checkpoint as base + adapters (the base must still
+be there, unchanged), and a full checkpoint into a LoRA model as its base weights (the adapters
+keep their initialisation: B = 0, the base model exactly).
+
 Model and optimizer go through ``megatron.core.dist_checkpointing`` (torch_dist format,
 written by each process itself: no writer processes that could outlive it), so a checkpoint
 can be loaded under another parallel layout. Every function that takes model chunks, and
@@ -44,7 +51,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -86,6 +93,9 @@ class CheckpointState:
     objective: str
     config_yaml: str
     world_size: int
+    base: dict[str, Any] | None = None
+    """A LoRA run's checkpoint: the :func:`identity` of the full checkpoint its adapters apply
+    to (its tensors hold only what the run trains). None: a full checkpoint."""
 
 
 @dataclass
@@ -378,6 +388,37 @@ def read_state(path: str | Path) -> CheckpointState:
     return _read_state_file(resolve(path))
 
 
+def _manifest_digest(ckpt: Path) -> str | None:
+    manifest = ckpt / MANIFEST
+    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+
+
+def identity(load: str | Path) -> dict[str, Any]:
+    """What identifies a checkpoint's weights: resolved path, step and manifest digest."""
+    path = resolve(load)
+    return {
+        "path": str(path.resolve()),
+        "step": read_state(path).step,
+        "manifest_sha256": _manifest_digest(path),
+    }
+
+
+def _recorded_base(ckpt: Path, base: dict[str, Any]) -> Path:
+    """The base checkpoint that the LoRA checkpoint ``ckpt`` records, checked to be the one its
+    adapters were trained on (same manifest digest); :class:`CheckpointError` otherwise."""
+    path = Path(str(base.get("path")))
+    why = "the run's adapters apply to it; restore it there, or merge elsewhere from a copy"
+    if not (path / META).is_file():
+        raise CheckpointError(f"{ckpt}: its base checkpoint {path} is gone ({why})")
+    digest = _manifest_digest(path)
+    if digest != base.get("manifest_sha256"):
+        raise CheckpointError(
+            f"{ckpt}: its base checkpoint {path} has changed (manifest sha256 "
+            f"{str(base.get('manifest_sha256'))[:16]}... when the run started, now {str(digest)[:16]}...; {why})"
+        )
+    return path
+
+
 # ----------------------------------------------------------------------------- resume
 
 
@@ -480,12 +521,52 @@ def optimizer_members(optimizer: Any) -> list[Any]:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def lora_trained(model: torch.nn.Module) -> Callable[[str], bool]:
+    """Whether a parameter (or checkpoint key) of the unwrapped ``model`` is one a LoRA run
+    trains and saves: an adapter, or the reward head (``output_layer.*`` of a
+    :class:`~megatron_prefpack.losses.reward.RewardHead`)."""
+    from megatron_prefpack.losses.reward import RewardHead
+    from megatron_prefpack.models.lora import is_adapter_parameter
+
+    head = isinstance(getattr(model, "output_layer", None), RewardHead)
+    return lambda name: is_adapter_parameter(name) or (head and name.startswith("output_layer."))
+
+
+Part = Literal["all", "trained", "frozen", "base"]
+"""Which of a model's checkpoint entries a save or load covers: ``all``; what a LoRA run trains
+(``trained``: adapters and a reward head, :func:`lora_trained`)
+or the rest (``frozen``); ``base``: all but the adapters (a full checkpoint read into a LoRA model)."""
+
+
+def _part_filter(model: torch.nn.Module, part: Part) -> Callable[[str], bool]:
+    """Whether a state-dict key of the unwrapped ``model`` belongs to ``part``."""
+    from megatron_prefpack.models.lora import is_adapter_parameter
+
+    trained = lora_trained(model)
+    return {
+        "all": lambda key: True,
+        "trained": trained,
+        "frozen": lambda key: not trained(key),
+        "base": lambda key: not is_adapter_parameter(key),
+    }[part]
+
+
+def has_adapters(model_chunks: list[torch.nn.Module]) -> bool:
+    """Whether the model carries LoRA adapters (``model.lora``)."""
+    from megatron_prefpack.models.lora import is_adapter_parameter
+
+    return any(is_adapter_parameter(name) for chunk in model_chunks for name, _ in chunk.named_parameters())
+
+
 def _sharded_state(
-    model_chunks: list[torch.nn.Module], optimizer: Any | None, is_loading: bool
+    model_chunks: list[torch.nn.Module], optimizer: Any | None, is_loading: bool, part: Part = "all"
 ) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for i, chunk in enumerate(model_chunks):
-        state[_model_key(i, len(model_chunks))] = _unwrap(chunk).sharded_state_dict()
+        model = _unwrap(chunk)
+        keep = _part_filter(model, part)
+        entries = model.sharded_state_dict()
+        state[_model_key(i, len(model_chunks))] = {k: v for k, v in entries.items() if keep(k)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             state, is_loading=is_loading, metadata=_OPTIMIZER_METADATA
@@ -559,10 +640,10 @@ def _save_strategy() -> Any:
     return InProcessSaveStrategy("torch_dist", 1)
 
 
-def _write_sharded(model_chunks: list[torch.nn.Module], optimizer: Any, directory: Path) -> None:
+def _write_sharded(model_chunks: list[torch.nn.Module], optimizer: Any, directory: Path, part: Part) -> None:
     from megatron.core import dist_checkpointing
 
-    state = _sharded_state(model_chunks, optimizer, is_loading=False)
+    state = _sharded_state(model_chunks, optimizer, is_loading=False, part=part)
     dist_checkpointing.save(state, str(directory), sharded_strategy=_save_strategy())
 
 
@@ -572,16 +653,27 @@ def _brief(err: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _read_sharded(ckpt: Path, model_chunks: list[torch.nn.Module], optimizer: Any | None) -> None:
-    """Load weights (and optimizer state) from ``ckpt`` into this rank's objects; nothing read
-    may unpickle more than data (see :mod:`~megatron_prefpack.training.safe_pickle`)."""
+def _read_sharded(
+    ckpt: Path, model_chunks: list[torch.nn.Module], optimizer: Any | None, part: Part = "all"
+) -> None:
+    """Load ``part`` of the weights (and optimizer state) from ``ckpt`` into this rank's
+    objects; every entry of ``part`` must be loaded. Nothing read may unpickle more than data
+    (see :mod:`~megatron_prefpack.training.safe_pickle`)."""
     from megatron.core import dist_checkpointing
 
-    sharded = _sharded_state(model_chunks, optimizer, is_loading=True)
+    sharded = _sharded_state(model_chunks, optimizer, is_loading=True, part=part)
     with restricted_reads():
         loaded = dist_checkpointing.load(sharded, str(ckpt))
     for i, chunk in enumerate(model_chunks):
-        _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=True)
+        model = _unwrap(chunk)
+        result = model.load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=part == "all")
+        keep = _part_filter(model, part)
+        missing = [key for key in result.missing_keys if keep(key)]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(
+                f"{ckpt}: the {part} weights do not fit this model: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
     if optimizer is not None:
         # Without a separate fp32 master copy (fp32 training), the distributed optimizer's
         # main-parameter shards are views of the model's leaf parameters: copying the loaded
@@ -666,7 +758,15 @@ def save(
 
     Collective. Safe at every crash point (see the module docstring), also when
     ``state.step`` was saved before. ``keep`` > 0 then removes all but the newest ``keep``
-    complete checkpoints, never the newest one nor the one ``latest`` names."""
+    complete checkpoints, never the newest one nor the one ``latest`` names. A LoRA model
+    saves what it trains only, and ``state.base`` must name its base checkpoint."""
+    part: Part = "all"
+    if has_adapters(model_chunks):
+        if state.base is None:
+            raise ValueError(
+                "a LoRA model's checkpoint holds its adapters only: state.base must name its base"
+            )
+        part = "trained"
     save_dir = Path(save_dir)
     final = iteration_dir(save_dir, state.step)
     partial = _sibling(final, _PARTIAL)
@@ -676,7 +776,7 @@ def save(
             _fs(shutil.rmtree, partial)
         _fs(partial.mkdir)
     _barrier()
-    _fs(_write_sharded, model_chunks, optimizer, partial)
+    _fs(_write_sharded, model_chunks, optimizer, partial, part)
     _fs(_write_rank_state, partial)
     _barrier()
     if _rank() == 0:
@@ -738,15 +838,38 @@ def load(
     restored when ``restore_rng`` and the checkpoint was written by a job of the same world
     size. Returns the checkpoint's :class:`CheckpointState` (the caller restores the
     scheduler and the data position from it). Every failure is a :class:`CheckpointError`
-    naming the checkpoint, raised on every rank."""
+    naming the checkpoint, raised on every rank.
+
+    LoRA: a LoRA checkpoint (``state.base`` set) loads as its recorded base checkpoint (which
+    must be there, unchanged, and verifies) plus its own adapters (and reward head) and
+    optimizer state; a full checkpoint loads into a LoRA model as its base weights only."""
     ckpt = _decided_by_rank0(resolve, path)
     verify(ckpt)
     state = _decided_by_rank0(_read_state_file, ckpt)
+    lora = has_adapters(model_chunks)
+    reads: list[tuple[Path, Any | None, Part]] = [(ckpt, optimizer, "all")]
+    if state.base is not None:
+        if not lora:
+            raise CheckpointError(
+                f"{ckpt}: holds LoRA adapters only: load it into the run's model (with its "
+                "model.lora), or fold them into a full checkpoint with prefpack merge-lora"
+            )
+        base = _decided_by_rank0(_recorded_base, ckpt, state.base)
+        verify(base)
+        reads = [(base, None, "frozen"), (ckpt, optimizer, "trained")]
+    elif lora:
+        if optimizer is not None:
+            raise CheckpointError(
+                f"{ckpt}: a full checkpoint, not a LoRA run's: it can start a LoRA run as its "
+                "base weights (checkpoint.load_optimizer: false), not resume one"
+            )
+        reads = [(ckpt, None, "base")]
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
     error, cause = None, None
     try:
-        _read_sharded(ckpt, model_chunks, optimizer)
+        for source, source_optimizer, part in reads:
+            _read_sharded(source, model_chunks, source_optimizer, part)
         if restore_rng and state.world_size == _world():
             _restore_rng(ckpt)
     except (CheckpointError, RefusedPickle) as err:

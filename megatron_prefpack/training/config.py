@@ -215,9 +215,11 @@ class ObjectiveConfig:
 
 @dataclass
 class ReferenceConfig:
-    """Reference log-probs for DPO: precomputed (``offline``) or a frozen model in the job."""
+    """Reference log-probs for DPO: precomputed (``offline``), a frozen model in the job
+    (``online``), or, for a LoRA model (``model.lora``), the policy itself with its adapters
+    switched off (``base``: no second copy, no offline pass)."""
 
-    mode: Literal["none", "offline", "online"] = "none"
+    mode: Literal["none", "offline", "online", "base"] = "none"
     path: str | None = None
     """Offline: the ``prefpack ref-logprobs --output`` file."""
     load: str | None = None
@@ -852,7 +854,26 @@ def _check_reference(cfg: TrainConfig) -> None:
     ref = cfg.reference
     needs_reference = cfg.objective.type == "dpo" and cfg.objective.dpo.needs_reference
     if needs_reference and ref.mode == "none":
-        raise config_error(cfg, "reference.mode", "DPO needs reference log-probs: 'offline' or 'online'")
+        raise config_error(
+            cfg, "reference.mode", "DPO needs reference log-probs: 'offline', 'online' or (LoRA) 'base'"
+        )
+    if ref.mode == "base":
+        if model_config(cfg).lora is None:
+            raise config_error(
+                cfg,
+                "reference.mode",
+                "'base' is the policy with its LoRA adapters switched off: it needs model.lora "
+                "(e.g. model.lora.rank=16)",
+                related=["model.lora"],
+            )
+        for key in ("path", "load"):
+            if getattr(ref, key) is not None:
+                raise config_error(
+                    cfg,
+                    f"reference.{key}",
+                    "reference.mode 'base' is the policy's own base weights; remove this key",
+                    related=["reference.mode"],
+                )
     if ref.mode == "offline":
         if ref.path is None:
             raise config_error(cfg, "reference.path", "offline reference needs the ref-logprobs file")

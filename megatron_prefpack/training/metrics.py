@@ -52,21 +52,33 @@ def attention_pairs(groups: Iterable[GroupPlacement]) -> int:
     return total
 
 
-def count_parameters(modules: Iterable[torch.nn.Module], moe_topk: int, num_experts: int) -> tuple[int, int]:
-    """(total, active-per-token) parameters of the whole model, excluding input embeddings.
+def count_parameters(
+    modules: Iterable[torch.nn.Module], moe_topk: int, num_experts: int, trainable_only: bool = False
+) -> tuple[int, int]:
+    """(total, active-per-token) parameters of the whole model, excluding input embeddings
+    (``trainable_only``: of those with ``requires_grad``, e.g. a LoRA model's adapters).
 
     Collective over the world: each rank counts its shard and the counts are divided by the
     number of replicas of that shard (Megatron marks expert-parallel parameters
     ``allreduce=False``; they are replicated over the expert-data-parallel group). Routed
     expert parameters (``.mlp.experts.`` in the name) count ``moe_topk / num_experts``
-    towards the active parameters; shared experts count fully."""
+    towards the active parameters; shared experts count fully. A parameter that every
+    tensor-parallel rank holds whole (a layer norm, a column-parallel LoRA adapter's ``A``) is
+    counted on tensor-parallel rank 0 only."""
     from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     # [replicated over DP x CP: dense, routed experts; replicated over expert DP: same]
     counts = torch.zeros(4, dtype=torch.float64)
     for module in modules:
         for name, param in module.named_parameters():
-            if "word_embeddings" in name:
+            if "word_embeddings" in name or (trainable_only and not param.requires_grad):
+                continue
+            if (
+                dist.is_available()
+                and dist.is_initialized()
+                and not param_is_not_tensor_parallel_duplicate(param)
+            ):
                 continue
             slot = (0 if getattr(param, "allreduce", True) else 2) + (1 if ".mlp.experts." in name else 0)
             counts[slot] += param.numel()

@@ -137,12 +137,22 @@ def build_chunks(
     """This rank's model chunks (one per virtual pipeline stage), unwrapped.
 
     ``reward_head`` attaches a :class:`~megatron_prefpack.losses.reward.RewardHead` (attach
-    before loading a reward-model checkpoint, after loading a language-model one)."""
+    before loading a reward-model checkpoint, after loading a language-model one). A LoRA model
+    (``model_cfg.lora``) comes with everything but
+    :func:`~megatron_prefpack.training.checkpoint.lora_trained` frozen, so Megatron's
+    DDP and optimizer, built on it next, hold the adapters (and a reward head) only; a head
+    attached later is trainable too."""
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if vpp is None or vpp == 1 else list(range(vpp))
     chunks = [build_model(model_cfg, transformer_config, vp_stage=stage) for stage in stages]
     if reward_head:
         attach_reward_heads(chunks, head_init_std)
+    if model_cfg.lora is not None:
+        from megatron_prefpack.models.lora import freeze_base
+        from megatron_prefpack.training.checkpoint import lora_trained
+
+        for chunk in chunks:
+            freeze_base([chunk], lora_trained(chunk))
     return chunks
 
 

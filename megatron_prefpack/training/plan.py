@@ -10,8 +10,9 @@ it fits the GPU less ``--headroom-gib`` (CUDA context, NCCL buffers, fragmentati
 
 Step time: the FLOPs of one global batch (``training.metrics.step_flops``: 2 per active
 parameter and computed token (MoE: top-k routed + shared experts), 4 x attention width per
-visible (query, key) pair and layer, x3 for forward + backward, +1 forward for full recompute,
-+1 for an online DPO reference) over ``gpus x peak x --mfu``, stretched by the pipeline
+visible (query, key) pair and layer, x3 for forward + backward (x2 for LoRA: a frozen weight
+needs no weight-gradient GEMM), +1 forward for full recompute, +1 for an online or ``base``
+DPO reference) over ``gpus x peak x --mfu``, stretched by the pipeline
 bubble ``(PP - 1) / (m x V)``. Tokens and attention pairs per row come from packing the
 config's dataset with the config's layout when it exists, else the dataset of ``--data DIR``
 (another preprocessed dataset), else full rows of causal attention; the output says which.
@@ -145,15 +146,17 @@ class ModelTotals:
     active: int
     routed: int
     """Routed-expert parameters (all experts), for the search's quick lower bound."""
+    trainable: int
+    """What the optimizer updates: a LoRA model's adapters (and reward head), else all."""
 
 
 def model_totals(cfg: TrainConfig, model_cfg: Any) -> ModelTotals:
     from megatron_prefpack.training.plan_memory import total_and_active_parameters
 
-    total, active = total_and_active_parameters(cfg, model_cfg)
+    total, active, trainable = total_and_active_parameters(cfg, model_cfg)
     moe = model_cfg.moe
     routed = 0 if moe is None else round((total - active) / (1 - moe.top_k / moe.num_experts))
-    return ModelTotals(total, active, routed)
+    return ModelTotals(total, active, routed, trainable)
 
 
 def step_time(
@@ -170,9 +173,9 @@ def step_time(
     from megatron_prefpack.training.metrics import attention_width, step_flops
 
     batch = cfg.data.global_batch_size
-    passes = 3.0
+    passes = 3.0 if model_cfg.lora is None else 2.0
     passes += 1.0 if cfg.performance.recompute_granularity == "full" else 0.0
-    passes += 1.0 if cfg.reference.mode == "online" else 0.0
+    passes += 1.0 if cfg.reference.mode in ("online", "base") else 0.0
     flops = step_flops(
         totals.active,
         batch * rows.row_length,
@@ -286,7 +289,12 @@ def plan(
         "gpu_memory_bytes": gpu.memory_bytes,
         "headroom_bytes": int(headroom_gib * GIB),
         "layout": _layout(cfg, dp),
-        "model": {"name": model_cfg.name, "total_params": totals.total, "active_params": totals.active},
+        "model": {
+            "name": model_cfg.name,
+            "total_params": totals.total,
+            "active_params": totals.active,
+            "trainable_params": totals.trainable,
+        },
         "rows": dataclasses.asdict(rows),
         "timing": timing,
         "ranks": ranks,
@@ -383,11 +391,13 @@ def _candidates(cfg: TrainConfig, model_cfg: Any, gpus: int) -> list[TrainConfig
 
 def _static_lower_bound(cfg: TrainConfig, model_cfg: Any, totals: ModelTotals, gpus: int) -> float:
     """Bytes every rank needs at least (bf16/fp32 params + fp32 grads of its share of the
-    weights, optimizer state ignored): layouts above the budget are not built."""
+    weights, optimizer state ignored; LoRA: the frozen weights have no gradients): layouts
+    above the budget are not built."""
     from megatron_prefpack.models.config import torch_dtype
 
     par = cfg.parallel
-    per_element = torch_dtype(model_cfg.params_dtype).itemsize + (4 if cfg.ddp.grad_reduce_in_fp32 else 2)
+    grads = 0 if model_cfg.lora is not None else (4 if cfg.ddp.grad_reduce_in_fp32 else 2)
+    per_element = torch_dtype(model_cfg.params_dtype).itemsize + grads
     dense = (totals.total - totals.routed) / (par.tensor * par.pipeline)
     routed = totals.routed / (par.tensor * par.pipeline * par.expert)
     return (dense + routed) * per_element
@@ -464,11 +474,18 @@ def layout_line(layout: dict[str, Any]) -> str:
     return ", ".join(parts) + f"; recompute {recompute}"
 
 
+def _trainable_note(model: dict[str, Any]) -> str:
+    """``, 21.3 M trainable (LoRA)`` when fewer than all parameters train."""
+    trainable = model.get("trainable_params", model["total_params"])
+    return "" if trainable >= model["total_params"] else f", {trainable / 1e6:.1f} M trainable (LoRA)"
+
+
 def format_plan(result: dict[str, Any]) -> str:
     t = result["timing"]
     lines = [
         f"{result['model']['name']} ({result['model']['total_params'] / 1e9:.1f} B parameters, "
-        f"{result['model']['active_params'] / 1e9:.1f} B active) on {result['gpus']} x {result['gpu']}",
+        f"{result['model']['active_params'] / 1e9:.1f} B active{_trainable_note(result['model'])}) on "
+        f"{result['gpus']} x {result['gpu']}",
         f"layout: {layout_line(result['layout'])}",
         f"rows: {result['rows']['source']}",
         "",

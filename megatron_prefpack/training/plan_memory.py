@@ -13,6 +13,10 @@ allocated; the counts are those of the real objects:
   ``numel * element_size`` of every parameter;
 * ``grad_bytes``: Megatron's gradient buffers (``grad_reduce_in_fp32``, bucket and parameter
   padding as Megatron lays them out);
+LoRA (``model.lora``): the build freezes the base as the trainer does (``build_chunks``), so
+the gradient buffers and the optimizer hold the adapters only, and the frozen base weights
+count in ``param_bytes`` alone.
+
 * ``optimizer_bytes``: Adam's two moments (``exp_avg_dtype`` / ``exp_avg_sq_dtype``) plus an
   fp32 master copy when the parameters are 16-bit, for the elements this rank updates: all of
   its parameters, or under the distributed optimizer its shard of every bucket (Megatron's
@@ -273,9 +277,10 @@ def rank_static(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int, rank:
         )
 
 
-def total_and_active_parameters(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[int, int]:
-    """(total, active per token) parameters of the whole model without input embeddings, from
-    the unsharded model built on the meta device (``training.metrics.count_parameters``)."""
+def total_and_active_parameters(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[int, int, int]:
+    """(total, active per token, trainable) parameters of the whole model without input
+    embeddings, from the unsharded model built on the meta device as the trainer builds it
+    (``training.metrics.count_parameters``; trainable: a LoRA model's adapters, else all)."""
     from megatron_prefpack.training.metrics import count_parameters
     from megatron_prefpack.training.model_setup import build_chunks, transformer_config
 
@@ -286,7 +291,9 @@ def total_and_active_parameters(cfg: TrainConfig, model_cfg: ModelConfig) -> tup
         tcfg.use_cpu_initialization, tcfg.perform_initialization = True, False
         with torch.device("meta"):
             chunks = build_chunks(model_cfg, tcfg)
-        return count_parameters(chunks, moe.top_k if moe else 1, moe.num_experts if moe else 0)
+        total, active = count_parameters(chunks, moe.top_k if moe else 1, moe.num_experts if moe else 0)
+        trainable, _ = count_parameters(chunks, 1, 0, trainable_only=True)
+        return total, active, trainable
 
 
 # ----------------------------------------------------------------------------- activations

@@ -17,11 +17,13 @@ step's micro-batches before the policy's step; the last pipeline stage keeps the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ class ReferenceLogps:
         the dataset fingerprint and group count must match, and so must the reference
         checkpoint when ``reference_load`` names one. Raises ``ConfigError`` naming the file."""
         from megatron_prefpack.data.json_files import read_json_object
+        from megatron_prefpack.training import checkpoint
         from megatron_prefpack.training.config import ConfigError
 
         header = read_json_object(Path(f"{path}.json"), ConfigError)
@@ -70,7 +73,7 @@ class ReferenceLogps:
                 f"{dataset.fingerprint[:16]}, {len(dataset)} groups): recompute it with prefpack ref-logprobs"
             )
         if reference_load is not None:
-            wanted = checkpoint_identity(reference_load)
+            wanted = checkpoint.identity(reference_load)
             if header.get("checkpoint") != wanted:
                 raise ConfigError(
                     f"{path}: computed from checkpoint {header.get('checkpoint')}, but reference.load "
@@ -97,18 +100,6 @@ class ReferenceLogps:
             pairs = list(zip(gids[missing].tolist(), ks[missing].tolist(), strict=True))[:5]
             raise ValueError(f"{self.source}: no reference log-prob for (group, response) {pairs}")
         return torch.from_numpy(values.astype(np.float32)).to(batch.tokens.device)
-
-
-def checkpoint_identity(load: str | Path) -> dict[str, Any]:
-    """What identifies a checkpoint's weights: resolved path, step and manifest digest."""
-    import hashlib
-
-    from megatron_prefpack.training import checkpoint
-
-    path = checkpoint.resolve(load)
-    manifest = path / checkpoint.MANIFEST
-    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
-    return {"path": str(path.resolve()), "step": checkpoint.read_state(path).step, "manifest_sha256": digest}
 
 
 def _reference_loss(batch: RowBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -138,13 +129,19 @@ def forward_reference(
     chunks: list[torch.nn.Module], batches: list[RowBatch], model_forward: Any
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Forward-only pass of the (frozen) model over ``batches``: per micro-batch
-    ``(group_ids, response_indices, logp_sums)`` on the last pipeline stage, [] elsewhere."""
+    ``(group_ids, response_indices, logp_sums)`` on the last pipeline stage, [] elsewhere.
+    The chunks run in eval mode and get their train/eval modes back afterwards."""
     from megatron_prefpack.training.step import MicroBatch, run_schedule
 
+    modes = [(module, module.training) for chunk in chunks for module in chunk.modules()]
     for chunk in chunks:
         chunk.eval()
     items = [MicroBatch(b, 1) for b in batches]
-    outputs = run_schedule(chunks, items, partial(_forward_step, model_forward), forward_only=True)
+    try:
+        outputs = run_schedule(chunks, items, partial(_forward_step, model_forward), forward_only=True)
+    finally:
+        for module, mode in modes:
+            module.training = mode
     return [(o["group_ids"].numpy(), o["response_indices"].numpy(), o["logps"].numpy()) for o in outputs]
 
 
@@ -159,18 +156,29 @@ def table_from(
 
 
 class OnlineReference:
-    """The frozen reference model inside the training job; :meth:`prepare` runs it over the
-    micro-batches about to be used and returns the lookup for them (last stage only)."""
+    """The reference model inside the training job; :meth:`prepare` runs it over the
+    micro-batches about to be used and returns the lookup for them (last stage only).
+
+    ``chunks`` is a frozen copy (``reference.mode: online``), or the training chunks themselves
+    with ``context`` = their LoRA adapters switched off (``base``: the same forward-only
+    schedule, so it runs under every layout the training step does)."""
 
     def __init__(
-        self, chunks: list[torch.nn.Module], model_forward: Any, num_groups: int, max_responses: int
+        self,
+        chunks: list[torch.nn.Module],
+        model_forward: Any,
+        num_groups: int,
+        max_responses: int,
+        context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
     ):
         self.chunks = chunks
         self.model_forward = model_forward
         self.shape = (num_groups, max_responses)
+        self.context = context
 
     def prepare(self, batches: list[RowBatch]) -> ReferenceLogps:
-        results = forward_reference(self.chunks, batches, self.model_forward)
+        with self.context():
+            results = forward_reference(self.chunks, batches, self.model_forward)
         return ReferenceLogps(table_from(results, self.shape), "online reference")
 
 
@@ -281,7 +289,7 @@ def write_reference_logprobs(cfg: Any, load: str | None, output: Path) -> Path:
                 "num_groups": len(dataset),
                 "max_responses": max_k,
                 "skipped_group_ids": list(plan.skipped_group_ids),
-                "checkpoint": None if load is None else checkpoint_identity(load),
+                "checkpoint": None if load is None else checkpoint.identity(load),
                 "model": model_cfg.to_dict(),
             }
             output.with_name(output.name + ".json").write_text(json.dumps(header, indent=1) + "\n")

@@ -8,7 +8,8 @@ Read top to bottom, :func:`train` is the whole job:
 4. start from a checkpoint: resume (weights, optimizer, schedule, data position, RNG) from
    the save dir's newest checkpoint or ``checkpoint.load``, or weights only (e.g. DPO from an
    SFT model);
-5. the reference: precomputed table, frozen in-job copy, or none;
+5. the reference: precomputed table, frozen in-job copy, the policy with its LoRA adapters
+   switched off (``base``), or none;
 6. the loop: micro-batches -> (reference pass) -> Megatron forward/backward -> optimizer step,
    logging every ``log_interval`` steps, evaluating every ``eval_interval``, saving every
    ``checkpoint.interval``;
@@ -203,6 +204,29 @@ def _check_resume_config(cfg: TrainConfig, saved: TrainConfig, where: Path, log:
     return bool(changes.applied)
 
 
+def _lora_base(
+    cfg: TrainConfig, model_cfg: Any, start: Path | None, start_state: Any, log: Any
+) -> dict[str, Any] | None:
+    """The full checkpoint a LoRA run's adapters apply to (``checkpoint.identity``), which its
+    checkpoints record: the one a resumed or loaded LoRA checkpoint names, else the full
+    checkpoint the run starts from. None without ``model.lora``; a LoRA run from nothing is
+    refused (``ConfigError``)."""
+    from megatron_prefpack.training import checkpoint
+
+    if model_cfg.lora is None:
+        return None
+    if start is None:
+        raise config_error(
+            cfg,
+            "checkpoint.load",
+            "a LoRA run (model.lora) trains adapters on a base model: name its full checkpoint here",
+            related=["model.lora"],
+        )
+    base = start_state.base or checkpoint.identity(start)
+    log.info(f"LoRA: base weights from {base['path']} (step {base['step']}), frozen")
+    return base
+
+
 def _check_vocab(cfg: TrainConfig, model_cfg: Any, dataset: Any) -> None:
     """The model's embedding must cover every id the dataset's tokenizer can produce."""
     tokenizer_vocab = dataset.vocab_size
@@ -361,6 +385,7 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
             log.info(f"started from the weights of {start}")
         if is_rm and not head_first:
             attach_reward_heads(chunks, head_std)
+        base = _lora_base(cfg, model_cfg, start, start_state, log)
         reference_chunks = None
         if cfg.reference.mode == "online":
             reference_chunks = build_chunks(model_cfg, copy.copy(tcfg))
@@ -408,9 +433,17 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         if cfg.reference.mode == "offline":
             table = ReferenceLogps.load(cfg.reference.path, data.dataset, cfg.reference.load)
             log.info(f"reference log-probs: {table.describe()}")
-        elif cfg.reference.mode == "online":
+        elif cfg.reference.mode in ("online", "base"):
             max_k = int(data.dataset.token_lengths().num_responses.max())
-            online = OnlineReference(reference_chunks, forward, len(data.dataset), max_k)
+            if cfg.reference.mode == "online":
+                online = OnlineReference(reference_chunks, forward, len(data.dataset), max_k)
+            else:
+                from megatron_prefpack.models.lora import adapters_disabled
+
+                online = OnlineReference(
+                    model, forward, len(data.dataset), max_k, context=lambda: adapters_disabled(model)
+                )
+                log.info("reference log-probs: the policy with its LoRA adapters switched off (base)")
 
         def reference_for(batches: list[Any]) -> Any:
             if online is not None:
@@ -425,6 +458,12 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         log.info(
             f"parameters: {total_params / 1e6:.2f} M total, {active_params / 1e6:.2f} M active per token"
         )
+        if base is not None:
+            trainable, _ = count_parameters(model, 1, 0, trainable_only=True)
+            log.info(
+                f"trainable parameters: {trainable:,} of {total_params:,} ({trainable / total_params:.3%}; "
+                "input embeddings not counted): LoRA adapters" + (" and the reward head" if is_rm else "")
+            )
         attn_dim = attention_width(model_cfg)
         passes = 3.0 + (1.0 if online is not None else 0.0)
         sampler = data.sampler(dp_rank, dp, cfg, consumed_rows)
@@ -483,6 +522,7 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
                 objective=cfg.objective.type,
                 config_yaml=to_yaml(cfg),
                 world_size=world,
+                base=base,
             )
             path = checkpoint.save(cfg.save_dir, state, model, optimizer, cfg.checkpoint.keep)
             log.info(f"saved checkpoint {path}")
