@@ -18,10 +18,18 @@ over from ``--hf-config`` unless ``--drop-mtp``. A reward model (objective ``rm`
 ``<Arch>ForSequenceClassification`` (``num_labels: 1``, ``score.weight``, ``pad_token_id``).
 The directory is written beside the output as ``<output>.partial`` and renamed into place.
 
+A LoRA checkpoint (``model.lora`` set) exports with its adapters folded into the weights; with
+``--peft-adapter DIR`` instead of ``--output`` only its adapters are written, as a PEFT adapter
+(``adapter_config.json`` + ``adapter_model.safetensors``, see ``megatron_prefpack.models.hf.peft``)
+that ``peft.PeftModel.from_pretrained`` loads onto the HF base model (``--hf-config``, whose path
+becomes ``base_model_name_or_path``); a reward model's adapter also carries its head (load it onto
+``AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, pad_token_id=<not EOS>)``).
+
 Bad input stops every rank with exit status 2 and ``export_hf_checkpoint: <file>: reason``: an
 unreadable or unverifiable checkpoint, a model that differs from ``--hf-config`` (the fields are
 listed), an architecture that cannot express the model, a non-empty output without
-``--overwrite``, a reward model without a usable pad token.
+``--overwrite``, a reward model without a usable pad token, ``--peft-adapter`` for a checkpoint without LoRA
+adapters or with adapters PEFT cannot load onto that architecture.
 """
 
 from __future__ import annotations
@@ -66,7 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--load", type=Path, required=True, help="checkpoint or save dir (latest)")
-    parser.add_argument("--output", type=Path, required=True, help="the Hugging Face directory to write")
+    parser.add_argument("--output", type=Path, default=None, help="the Hugging Face directory to write")
+    parser.add_argument(
+        "--peft-adapter", type=Path, default=None, help="write only the LoRA adapters, as PEFT, here"
+    )
     parser.add_argument("--hf-config", type=Path, default=None, help="the source HF directory")
     parser.add_argument("--tokenizer", type=Path, default=None, help="directory of tokenizer files")
     parser.add_argument("--model-type", default=None, help="HF model_type when no --hf-config")
@@ -79,7 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--first-stage-layers", type=int, default=None, help="uneven first pipeline stage")
     parser.add_argument("--last-stage-layers", type=int, default=None, help="uneven last pipeline stage")
     parser.add_argument("--expert", type=int, default=1, help="expert-parallel ranks the experts split over")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.output is None) == (args.peft_adapter is None):
+        parser.error("give one of --output (the model) or --peft-adapter (a LoRA checkpoint's adapters)")
+    args.output = args.output or args.peft_adapter
+    return args
 
 
 @dataclasses.dataclass
@@ -205,14 +220,21 @@ def _reward_pad_token(args: argparse.Namespace, hf: dict[str, Any]) -> int:
 def plan_export(args: argparse.Namespace) -> Plan:
     """Check every input before any work; raises :class:`ExportError`."""
     cfg, reward, token_ids = _checkpoint_model(args.load)
+    if args.peft_adapter is not None and cfg.lora is None:
+        raise ExportError(
+            f"{args.load}: not a LoRA checkpoint (its model.lora is not set), so there are no adapters for "
+            "--peft-adapter; export the model with --output"
+        )
+    base = dataclasses.replace(cfg, lora=None)  # the HF model the adapters fold into
     if args.hf_config:
-        arch, hf = _source_config(args, cfg)
+        arch, hf = _source_config(args, base)
     else:
-        arch, hf = _generated_config(args, cfg)
+        arch, hf = _generated_config(args, base)
         if token_ids:  # no BOS unless the training data's tokenizer adds one
             hf = {**hf, "bos_token_id": None, **token_ids}
     plan = Plan(arch, cfg, reward, hf)
-    _final_config(args, plan)  # the reward fields' checks
+    if args.peft_adapter is None:  # an adapter has no config.json: its loader picks the pad token
+        _final_config(args, plan)  # the reward fields' checks
     taken = args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir()))
     if taken and not args.overwrite:
         raise ExportError(f"{args.output}: exists and is not empty (give --overwrite to replace it)")
@@ -311,13 +333,76 @@ def _publish(
         for name in names if directory is not None else ():
             if (directory / name).is_file():
                 shutil.copyfile(directory / name, partial / name)
-    replaced = args.output.with_name(args.output.name + ".replaced")
-    if args.output.exists():
-        args.output.rename(replaced)
-    partial.rename(args.output)
+    _move_into_place(args.output, partial)
+    return len(files)
+
+
+def _move_into_place(output: Path, partial: Path) -> None:
+    """``partial`` renamed to ``output``; an existing ``output`` is removed only after that."""
+    replaced = output.with_name(output.name + ".replaced")
+    if output.exists():
+        output.rename(replaced)
+    partial.rename(output)
     if replaced.exists():
         shutil.rmtree(replaced) if replaced.is_dir() else replaced.unlink()
-    return len(files)
+
+
+def _write_peft_adapter(args: argparse.Namespace, plan: Plan, model: torch.nn.Module) -> int:
+    """Every rank's adapters gathered on rank 0, written there as a PEFT adapter directory."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from safetensors.torch import save_file
+
+    from megatron_prefpack.models.config import torch_dtype
+    from megatron_prefpack.models.hf import ConversionError
+    from megatron_prefpack.models.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_pieces, peft_adapter
+
+    error, pieces = None, ([], {})
+    try:
+        pieces = adapter_pieces(
+            model,
+            plan.arch,
+            plan.cfg,
+            reward=plan.reward,
+            replicated=parallel_state.get_data_parallel_rank() == 0,
+            experts=parallel_state.get_expert_data_parallel_rank() == 0,
+        )
+    except ConversionError as err:
+        error = str(err)
+    if _agree_on_failure(error):
+        return 2
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, pieces)
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            tensors, config = peft_adapter(
+                [p for rank_pieces, _ in gathered for p in rank_pieces],
+                {name: t for _, full in gathered for name, t in full.items()},
+                plan.arch,
+                plan.cfg,
+                reward=plan.reward,
+                base_model=str(args.hf_config) if args.hf_config else None,
+            )
+        except ConversionError as err:
+            error = f"{args.load}: {err}"
+    if _agree_on_failure(error):
+        return 2
+    if dist.get_rank() == 0:
+        partial = _partial(args.output)
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        dtype = torch_dtype(args.dtype)
+        save_file({k: t.to(dtype).contiguous() for k, t in tensors.items()}, partial / ADAPTER_WEIGHTS)
+        (partial / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        _move_into_place(args.output, partial)
+        print(
+            f"[export] wrote {args.output}: PEFT LoRA adapter for {plan.arch.class_prefix} "
+            f"(r={config['r']}, {len(tensors)} tensors, {args.dtype})"
+        )
+    dist.barrier()
+    return 0
 
 
 def _export(args: argparse.Namespace, plan: Plan) -> int:
@@ -337,6 +422,12 @@ def _export(args: argparse.Namespace, plan: Plan) -> int:
         error = str(err)
     if _agree_on_failure(error):
         return 2
+    if args.peft_adapter is not None:
+        return _write_peft_adapter(args, plan, model)
+    if plan.cfg.lora is not None:
+        from megatron_prefpack.models.lora import merge_adapters
+
+        merge_adapters([model])
     if rank == 0:
         if partial.exists():
             shutil.rmtree(partial)
