@@ -4,11 +4,15 @@ A random tiny HF model (Qwen3: dense, fused QKV and SwiGLU rows split per HF lin
 with query compression, shared experts, and routed-expert adapters onto transformers' fused
 experts) is imported, LoRA-wrapped with random non-zero A and B, and its packed log-probs taken.
 Its adapters written as a PEFT adapter and loaded with ``peft.PeftModel.from_pretrained`` onto
-the HF model give the same per-token log-probs (<= 1e-5, fp32), with every tensor loaded as
-written; the adapters merged into the weights and exported give them too. Through the tool:
-a LoRA checkpoint exports both ways with the same result; a checkpoint without adapters
-refused for ``--peft-adapter`` (exit 2, named), as are dense-MLP adapters for a model type whose
-MLP targets PEFT redirects to the routed experts (checked against PEFT's own rewrite).
+the HF model give the same per-token log-probs (<= 1e-5, fp32), with every tensor PEFT holds
+equal to the one written; the adapters merged into the weights and exported give them too.
+Through the tool, from a LoRA checkpoint (adapters only, naming its base): ``--peft-adapter``,
+``--output`` (merged on the fly) and ``prefpack merge-lora`` + export all give the LoRA model's
+log-probs; a reward model's adapter (``SEQ_CLS`` with its head) gives its rewards; EP2 and PP2
+exports equal the one-process adapter bit for bit. Refused: ``--peft-adapter`` for a checkpoint
+without adapters (exit 2, named), and dense-MLP adapters for a model type whose MLP targets PEFT
+redirects to the routed experts (that list checked against PEFT's own rewrite); the attention
+adapters of such a model (DeepSeek-V3 MLA) load.
 """
 
 from __future__ import annotations
@@ -218,6 +222,9 @@ def lora_checkpoint(directory: Path, lora: LoRAConfig, target: Path, reward: boo
 
 
 def test_tool_exports_a_lora_checkpoint_as_peft_adapter_and_merged(hf_dir, tmp_path) -> None:
+    from megatron_prefpack.training import checkpoint
+    from megatron_prefpack.training.config import config_from_yaml
+    from megatron_prefpack.training.merge_lora import merge_lora
     from tests.test_hf_architectures import checkpoint_model, export
 
     directory, lora = hf_dir
@@ -229,6 +236,14 @@ def test_tool_exports_a_lora_checkpoint_as_peft_adapter_and_merged(hf_dir, tmp_p
     assert all((ours[k] - base[k]).abs().max() > 1e-3 for k in ours), "the checkpoint's adapters are lost"
     export(tmp_path / "lora", tmp_path / "merged", "--hf-config", str(directory), "--dtype", "float32")
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert_close(ours, hf_logprobs(merged, merged.config.vocab_size))
+    # prefpack merge-lora, then the export of the plain checkpoint it writes: the same.
+    state = checkpoint.read_state(tmp_path / "lora")
+    merge_lora(config_from_yaml(state.config_yaml, "lora"), tmp_path / "lora", tmp_path / "full")
+    export(
+        tmp_path / "full", tmp_path / "via_merge_lora", "--hf-config", str(directory), "--dtype", "float32"
+    )
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "via_merge_lora").eval()
     assert_close(ours, hf_logprobs(merged, merged.config.vocab_size))
 
     adapter = ["--peft-adapter", str(tmp_path / "peft"), "--dtype", "float32"]
