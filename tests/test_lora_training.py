@@ -328,3 +328,29 @@ def test_reference_base_config_errors_name_the_keys(dataset, base_ckpt, tmp_path
     with pytest.raises(ConfigError, match=r"reference\.load: reference\.mode 'base'"):
         load_config(None, lora_args(dataset, tmp_path, base_ckpt, f"reference.load={base_ckpt}"))
     load_config(None, lora_args(dataset, tmp_path, base_ckpt))  # and the LoRA run itself is fine
+
+
+def test_lora_reward_model_resumes_with_its_head(dataset, base_ckpt, tmp_path):
+    """A LoRA reward model from a language-model base: the fresh head trains with the adapters,
+    its checkpoint holds both, and a resume reproduces the uninterrupted run."""
+    rm = ["objective.type=rm", "reference.mode=none", "run.train_steps=3"]
+    straight = train_ranks(
+        1, lora_args(dataset, tmp_path / "a", base_ckpt, *rm, "checkpoint.interval=1", "checkpoint.keep=0")
+    )
+    middle = tmp_path / "a" / "checkpoints" / "iter_0000001"
+    resumed = train_ranks(
+        1,
+        lora_args(
+            dataset,
+            tmp_path / "b",
+            base_ckpt,
+            *rm,
+            f"checkpoint.load={middle}",
+            "checkpoint.load_optimizer=true",
+        ),
+    )
+    np.testing.assert_array_equal(resumed["loss"], straight["loss"][1:])
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(middle)).read_metadata().state_dict_metadata
+    assert "output_layer.weight" in keys
