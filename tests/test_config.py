@@ -835,3 +835,9 @@ def test_virtual_pipeline_needs_microbatches_in_multiples_of_the_pipeline(config
     )
     with pytest.raises(ConfigError, match="3 micro-batches per data-parallel rank, not a multiple"):
         check_parallel_layout(cfg, 2, model_config(cfg))
+
+
+def test_mla_with_tensor_parallel_needs_sequence_parallel(config_file):
+    cfg = load_config(config_file(), ["model.preset=tiny-mla-moe", "model.moe=null", "parallel.tensor=2"])
+    with pytest.raises(ConfigError, match="MLA with tensor parallel needs sequence_parallel: true"):
+        check_parallel_layout(cfg, 2, model_config(cfg))

@@ -24,7 +24,9 @@ Two plugs use it, neither forks Megatron code:
   ``PrefPackSeqParams`` (TransformerLayer does not pass ``position_ids`` to attention). It hands Megatron
   ``packed_seq_params=None`` for the q/k/v projection, because MLA squeezes dim 1 whenever
   packed params are present (a THD-only reshape that breaks ``sbhd`` rows with B=1); the params
-  still reach core attention.
+  still reach core attention. Under tensor + sequence parallelism it also hands Megatron the KV
+  down-projection at full width (:class:`FullWidthKVDownProjection`): Megatron's own TP-split
+  path loses part of the RoPE key's weight gradient.
 
 Context parallelism: positions are those of the tokens this rank holds; the table is never
 sliced by CP rank (Megatron's CP slicing assumes 0..S-1 load-balanced chunks).
@@ -159,6 +161,33 @@ class PositionFollowingGPTModel(GPTModel):
             return super()._preprocess(input_ids, position_ids, *args, **kwargs)
 
 
+class FullWidthKVDownProjection(torch.nn.Module):
+    """MLA's KV down-projection, split over TP (Megatron's local spec), made to return what a
+    duplicated projection (the Transformer Engine spec) returns under sequence parallelism: all
+    of ``kv_lora_rank + qk_pos_emb_head_dim`` for this rank's tokens.
+
+    Why: Megatron-Core (0.16 and 0.19) all-gathers the split output itself, but the RoPE key
+    ``k_pos_emb`` is shared by every head, so on each TP rank its gradient holds only this rank's
+    heads' share, and the gather's backward keeps this rank's slice of it: the other ranks'
+    shares of the RoPE rows' weight gradient are lost (about 70% off on the tiny MLA model).
+    Given the full width, Megatron takes its duplicated-projection path, whose sequence-parallel
+    gather of ``k_pos_emb`` sums the shares in backward. Forward values are unchanged. Holds no
+    parameters; the wrapped module keeps its name. Without sequence parallelism the RoPE rows
+    are still wrong (``tests/test_parallel_gradients.py``), so training refuses MLA with tensor
+    parallelism but no sequence parallelism."""
+
+    def __init__(self, projection: torch.nn.Module) -> None:
+        super().__init__()
+        self.projection = projection
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor | None]:
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        out, bias = self.projection(hidden_states)  # [s, b, (kv_lora_rank + rope) / TP]
+        full = gather_from_tensor_model_parallel_region(out)  # [s, b, kv_lora_rank + rope]
+        return scatter_to_sequence_parallel_region(full), bias  # [s / TP, b, ...]
+
+
 class PositionFollowingMLASelfAttention(MLASelfAttention):
     """``MLASelfAttention`` whose RoPE follows the positions of ``PrefPackSeqParams``.
 
@@ -181,10 +210,26 @@ class PositionFollowingMLASelfAttention(MLASelfAttention):
         inference_context: Any = None,
         **kwargs: Any,
     ):
-        with self.rotary_pos_emb.following(self._positions(hidden_states, packed_seq_params)):
+        positions = self._positions(hidden_states, packed_seq_params)
+        with self.rotary_pos_emb.following(positions), self._full_width_kv_down_projection():
             return super().get_query_key_value_tensors(
                 hidden_states, key_value_states, None, None, inference_context=inference_context, **kwargs
             )
+
+    @contextlib.contextmanager
+    def _full_width_kv_down_projection(self) -> Iterator[None]:
+        """While Megatron derives q, k and v under TP with sequence parallelism:
+        ``linear_kv_down_proj`` returns the full width for this rank's tokens (see
+        :class:`FullWidthKVDownProjection`)."""
+        projection = self.linear_kv_down_proj
+        if self.pg_collection.tp.size() == 1 or not self.config.sequence_parallel:
+            yield
+            return
+        self.linear_kv_down_proj = FullWidthKVDownProjection(projection)
+        try:
+            yield
+        finally:
+            self.linear_kv_down_proj = projection
 
     def _positions(self, hidden_states: Tensor, packed_seq_params: Any) -> Tensor:
         from megatron_prefpack.attention import PrefPackSeqParams

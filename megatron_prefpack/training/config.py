@@ -992,6 +992,14 @@ def check_parallel_layout(cfg: TrainConfig, world_size: int, model: Any) -> int:
             "MoE with tensor parallel needs sequence_parallel: true",
             related=["parallel.tensor"],
         )
+    if getattr(model, "mla", None) is not None and par.tensor > 1 and not par.sequence_parallel:
+        raise config_error(
+            cfg,
+            "parallel.sequence_parallel",
+            "MLA with tensor parallel needs sequence_parallel: true (without it Megatron's "
+            "TP-split KV down-projection gets part of its gradient wrong)",
+            related=["parallel.tensor"],
+        )
     if par.sequence_parallel and par.tensor == 1:
         raise config_error(
             cfg, "parallel.sequence_parallel", "needs parallel.tensor > 1", related=["parallel.tensor"]
