@@ -3,6 +3,11 @@
 #
 #   bash examples/demo_cpu.sh                 one process (about 5 minutes on 2 cores)
 #   NPROC=2 bash examples/demo_cpu.sh         two gloo processes via torchrun, expert parallel 2
+#   LORA=1 bash examples/demo_cpu.sh          DPO trains LoRA adapters (rank 8, attention + MLPs) on
+#                                             the frozen SFT model, whose own forward with the
+#                                             adapters off is the reference (reference.mode base);
+#                                             the adapters are merged (prefpack merge-lora) before
+#                                             the export
 #
 # Steps: set up .venv if needed (tools/setup_env.sh: torch 2.13.0 CPU, then `pip install -e .[dev]`),
 # train a 2000-piece SentencePiece tokenizer, preprocess the data into prompt groups, SFT the
@@ -16,6 +21,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${OUT:-demo_out}"
 nproc="${NPROC:-1}"
+lora="${LORA:-0}"
 python="${PREFPACK_PYTHON:-}"
 if [ -z "$python" ]; then
   python="$(bash "$repo/tools/setup_env.sh" | tail -n 1)"
@@ -34,6 +40,17 @@ else
   launch=("$bin/prefpack")
 fi
 
+# DPO stage: full fine-tuning against the stored reference table, or (LORA=1) adapters only,
+# the reference being the same model with its adapters off, at a higher learning rate.
+dpo=(reference.path="$out/data/ref_logprobs.npy")
+final="$out/dpo/checkpoints"  # the model the export and the check read
+if [ "$lora" = 1 ]; then
+  dpo=(reference.mode=base reference.path=null model.lora.rank=8 model.lora.alpha=16
+    "model.lora.target_modules=[linear_q_down_proj,linear_q_up_proj,linear_kv_down_proj,linear_kv_up_proj,linear_proj,linear_fc1,linear_fc2]"
+    optimizer.lr=2.0e-3 optimizer.min_lr=2.0e-4)
+  final="$out/dpo_merged"
+fi
+
 echo "== 1/8 tokenizer"
 mkdir -p "$out"
 "$bin/prefpack" train-tokenizer --input "$data" --output "$out/tokenizer" --vocab-size 2000
@@ -47,23 +64,33 @@ rm -rf "$out/sft"
 "${launch[@]}" train --config "$configs/demo_sft.yaml" "${common[@]}" \
   run.dir="$out/sft" checkpoint.save="$out/sft/checkpoints"
 
-echo "== 4/8 reference log-probs of the SFT model"
-"${launch[@]}" ref-logprobs --config "$configs/demo_dpo.yaml" "${common[@]}" \
-  checkpoint.load="$out/sft/checkpoints" --output "$out/data/ref_logprobs.npy"
+if [ "$lora" = 1 ]; then
+  echo "== 4/8 reference log-probs: none to store (LoRA: the SFT model is the adapters-off forward)"
+else
+  echo "== 4/8 reference log-probs of the SFT model"
+  "${launch[@]}" ref-logprobs --config "$configs/demo_dpo.yaml" "${common[@]}" \
+    checkpoint.load="$out/sft/checkpoints" --output "$out/data/ref_logprobs.npy"
+fi
 
-echo "== 5/8 DPO (reference = the SFT model)"
+echo "== 5/8 DPO (reference = the SFT model$([ "$lora" = 1 ] && echo '; LoRA adapters on the frozen SFT model'))"
 rm -rf "$out/dpo"
-"${launch[@]}" train --config "$configs/demo_dpo.yaml" "${common[@]}" \
-  run.dir="$out/dpo" reference.path="$out/data/ref_logprobs.npy" \
-  checkpoint.load="$out/sft/checkpoints" checkpoint.save="$out/dpo/checkpoints"
+"${launch[@]}" train --config "$configs/demo_dpo.yaml" "${common[@]}" "${dpo[@]}" \
+  run.dir="$out/dpo" checkpoint.load="$out/sft/checkpoints" checkpoint.save="$out/dpo/checkpoints"
 
-echo "== 6/8 export the DPO model to Hugging Face format (an AXK1ForCausalLM directory)"
-"$python" "$repo/tools/export_hf_checkpoint.py" --load "$out/dpo/checkpoints" --output "$out/hf" \
+if [ "$lora" = 1 ]; then
+  echo "== 6/8 merge the adapters into the SFT weights, export to Hugging Face format (AXK1ForCausalLM)"
+  rm -rf "$final"
+  "${launch[@]}" merge-lora --config "$configs/demo_dpo.yaml" "${common[@]}" "${dpo[@]}" \
+    checkpoint.load="$out/sft/checkpoints" --load "$out/dpo/checkpoints" --output "$final"
+else
+  echo "== 6/8 export the DPO model to Hugging Face format (an AXK1ForCausalLM directory)"
+fi
+"$python" "$repo/tools/export_hf_checkpoint.py" --load "$final" --output "$out/hf" \
   --dtype float32 --overwrite
 
 echo "== 7/8 transformers loads it: the packed run's held-out log-probs, and a reply"
 "${launch[@]}" ref-logprobs --config "$configs/demo_dpo.yaml" "${common[@]}" \
-  --load "$out/dpo/checkpoints" --output "$out/dpo_logprobs.npy"
+  --load "$final" --output "$out/dpo_logprobs.npy"
 "$python" "$repo/examples/check_hf_export.py" --hf-dir "$out/hf" --data "$out/data" \
   --table "$out/dpo_logprobs.npy" --tokenizer "$out/tokenizer.model"
 
