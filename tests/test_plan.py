@@ -251,3 +251,12 @@ def test_a_layout_that_does_not_divide_exits_2_naming_it(capsys: pytest.CaptureF
     assert "parallel.expert: 3 does not divide" in err
     code, _, err = _plan(capsys, "--gpus", "3", "--gpu", "h100-80gb", "--set", "parallel.tensor=2")
     assert code == 2 and "does not divide the world size 3" in err
+
+
+def test_context_parallel_mla_plans_on_the_meta_device(capsys: pytest.CaptureFixture[str]) -> None:
+    """A.X K1's YaRN table is sliced per CP rank with a pinned-memory index while it is built."""
+    model = ["--set", "model.preset=ax-k1", "--set", "model.num_layers=2", "--set", "data.seq_len=8192"]
+    args = ["--gpus", "2", "--gpu", "h100-80gb", "--json", *model, "--set", "parallel.context=2"]
+    code, out, err = _plan(capsys, *args)
+    assert code == 0, err
+    assert json.loads(out)["layout"]["context"] == 2

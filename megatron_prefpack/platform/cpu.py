@@ -194,7 +194,8 @@ def _is_cuda_device(device: Any) -> bool:
 
 
 class _CpuTorch(types.ModuleType):
-    """``torch`` as seen by one Megatron module: factory calls with a CUDA device allocate on the CPU.
+    """``torch`` as seen by one Megatron module: factory calls with a CUDA device allocate on the CPU,
+    and none asks for pinned memory.
 
     Every other attribute is torch's own (looked up once, then cached on the proxy).
     """
@@ -219,13 +220,14 @@ class _CpuTorch(types.ModuleType):
         def make(*args: Any, **kwargs: Any) -> torch.Tensor:
             if _is_cuda_device(kwargs.get("device")):
                 kwargs["device"] = "cpu"
-                kwargs.pop("pin_memory", None)
+            # No pinned-memory allocator without CUDA; pinning only speeds copies to a GPU.
+            kwargs.pop("pin_memory", None)
             return factory(*args, **kwargs)
 
         return make
 
 
-# Modules that allocate with a literal ``device="cuda"`` on paths the CPU runs use.
+# Modules that allocate with a literal ``device="cuda"`` (or pinned memory) on paths the CPU runs use.
 _CUDA_LITERAL_MODULES = (
     "megatron.core.utils",  # calc_params_l2_norm
     "megatron.core.transformer.utils",  # default causal / sliding-window softmax masks
@@ -237,6 +239,7 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.pipeline_parallel.schedules",  # total_num_tokens
     "megatron.core.tensor_parallel.data",  # broadcast_data
+    "megatron.core.models.common.embeddings.rope_utils",  # CP slicing: pin_memory=True
 )
 
 
