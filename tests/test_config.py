@@ -841,3 +841,14 @@ def test_mla_with_tensor_parallel_needs_sequence_parallel(config_file):
     cfg = load_config(config_file(), ["model.preset=tiny-mla-moe", "model.moe=null", "parallel.tensor=2"])
     with pytest.raises(ConfigError, match="MLA with tensor parallel needs sequence_parallel: true"):
         check_parallel_layout(cfg, 2, model_config(cfg))
+
+
+@pytest.mark.parametrize("setting", ["performance.fp8=e4m3", "performance.moe_grouped_gemm=true"])
+def test_lora_refuses_settings_that_need_transformer_engine_layers(config_file, monkeypatch, setting):
+    """On a GPU with Transformer Engine (pretended here) a LoRA model still builds Megatron's
+    local layers, so the settings that live in TE's layers are refused."""
+    from megatron_prefpack.platform import features
+
+    monkeypatch.setattr(features, "missing_for", lambda needs: None)
+    message = error_of(config_file(), ["model.lora.rank=4", setting])
+    assert f"{setting.split('=')[0]}: needs Transformer Engine's layers, which LoRA does not adapt" in message

@@ -39,9 +39,10 @@ _GPT_POSITION_EMBEDDING = {"rope": "rope", "yarn": "rope", "learned": "learned_a
 gets ``"rope"``, which it skips for MLA."""
 
 
-def use_transformer_engine() -> bool:
-    """Whether the TE layer spec is used: CUDA present and Transformer Engine importable."""
-    return has_transformer_engine()
+def use_transformer_engine(cfg: ModelConfig) -> bool:
+    """Whether the TE layer spec is used: CUDA present, Transformer Engine importable, and no
+    LoRA (its adapters wrap Megatron's own parallel linears, not TE's)."""
+    return has_transformer_engine() and cfg.lora is None
 
 
 def _mark_mla_without_te() -> None:
@@ -75,7 +76,7 @@ def prefpack_block_spec(
     _mark_mla_without_te()
     block = get_gpt_decoder_block_spec(
         transformer_config,
-        use_transformer_engine=use_transformer_engine(),
+        use_transformer_engine=use_transformer_engine(cfg),
         normalization="RMSNorm",
         vp_stage=vp_stage,
     )

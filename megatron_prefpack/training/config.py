@@ -824,6 +824,18 @@ def _check_runtime_support(cfg: TrainConfig, model: Any) -> None:
         raise config_error(
             cfg, "performance.recompute_modules", "'layernorm' on a GPU needs Transformer Engine"
         )
+    if model.lora is not None:
+        # LoRA builds Megatron's local layer spec: the Transformer Engine layers are not there.
+        te_layers = {
+            "performance.fp8": perf.fp8 is not None,
+            "performance.tp_comm_overlap": perf.tp_comm_overlap,
+        }
+        te_layers["performance.moe_grouped_gemm"] = perf.moe_grouped_gemm
+        for key, enabled in te_layers.items():
+            if enabled:
+                raise config_error(
+                    cfg, key, "needs Transformer Engine's layers, which LoRA does not adapt", ["model.lora"]
+                )
     if "mla_up_proj" in modules and model.mla is None:
         raise config_error(
             cfg, "performance.recompute_modules", "'mla_up_proj' needs an MLA model (model.mla)"
