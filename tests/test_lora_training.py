@@ -182,6 +182,7 @@ LAYOUTS = {
     "tp2_sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     "ep2": (2, ["parallel.expert=2"]),
     "pp2": (2, ["parallel.pipeline=2"]),
+    "cp2": (2, ["parallel.context=2"]),
 }
 
 
@@ -191,6 +192,18 @@ def test_lora_layouts_follow_single_process(layout, dataset, base_ckpt, single_l
     got = train_ranks(world, lora_args(dataset, tmp_path, base_ckpt, *extra))
     np.testing.assert_allclose(got["loss"], single_lora_run["loss"], rtol=2e-4, atol=1e-5)
     np.testing.assert_allclose(got["grad_norm"], single_lora_run["grad_norm"], rtol=2e-3)
+
+
+@pytest.mark.parametrize("layout", ["tp2_sp", "pp2"])
+def test_lora_sft_layouts_follow_single_process(layout, dataset, base_ckpt, tmp_path):
+    """Multi-response SFT with LoRA (no reference) under a layout equals one process."""
+    world, extra = LAYOUTS[layout]
+    sft = ["objective.type=sft", "reference.mode=none"]
+    single = train_ranks(1, lora_args(dataset, tmp_path / "one", base_ckpt, *sft))
+    got = train_ranks(world, lora_args(dataset, tmp_path / "par", base_ckpt, *sft, *extra))
+    assert single["loss"][-1] < single["loss"][0]
+    np.testing.assert_allclose(got["loss"], single["loss"], rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(got["grad_norm"], single["grad_norm"], rtol=2e-3)
 
 
 # ----------------------------------------------------------------------------- checkpoints
