@@ -213,15 +213,10 @@ def _layer_signature(cfg: TrainConfig, model_cfg: Any) -> list[tuple[Any, ...]] 
     par = cfg.parallel
     if par.pipeline_layout is not None or par.virtual_pipeline is not None:
         return None
-    layers, pp = model_cfg.num_layers, par.pipeline
-    first, last = par.first_stage_layers, par.last_stage_layers
-    middle = pp - (first is not None) - (last is not None)
-    share = (layers - (first or 0) - (last or 0)) // middle if middle else 0
-    counts = [share] * pp
-    if first is not None:
-        counts[0] = first
-    if last is not None:
-        counts[-1] = last
+    from megatron_prefpack.training.config import chunk_layer_counts
+
+    pp = par.pipeline
+    counts = chunk_layer_counts(cfg, model_cfg.num_layers)
     pattern = model_cfg.moe_layer_pattern()
     starts = list(itertools.accumulate([0, *counts]))
     return [(tuple(pattern[starts[s] : starts[s + 1]]), s == 0, s == pp - 1) for s in range(pp)]
