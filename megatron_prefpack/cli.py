@@ -40,6 +40,10 @@ SUBCOMMANDS: dict[str, Command | CommandGroup] = {
         "megatron_prefpack.data.preprocess",
         "JSONL preference records -> tokenized, memory-mapped, indexed group dataset",
     ),
+    "mode-overlap": Command(
+        "megatron_prefpack.data.mode_overlap",
+        "Think-Fusion: join a thinking and a plain SFT set by prompt into [/think, /no_think] response groups",
+    ),
     "bench": CommandGroup(
         "benchmarks: preference packing against the two baselines",
         {

@@ -3,7 +3,8 @@
 Trains on every text of every record (prompts, responses, message contents; any record
 shape of ``records``). The model is lossless on its own training text: no normalization,
 whitespace kept as is (no dummy prefix, no collapsing), unknown characters fall back to
-bytes. Special ids: unk 0, bos 1, eos 2, pad 3. Writes ``PREFIX.model`` and ``PREFIX.vocab``.
+bytes. Special ids: unk 0, bos 1, eos 2, pad 3; user-defined symbols (always one piece, e.g.
+Think-Fusion's mode markers) follow from 4. Writes ``PREFIX.model`` and ``PREFIX.vocab``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from megatron_prefpack.data.records import InvalidRecord, UnreadableInput, iter_records
@@ -27,9 +28,17 @@ def record_texts(path: str | Path) -> Iterator[str]:
 
 
 def train_tokenizer(
-    input: str | Path, output_prefix: str | Path, vocab_size: int, model_type: str = "bpe", threads: int = 2
+    input: str | Path,
+    output_prefix: str | Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+    threads: int = 2,
+    user_defined_symbols: Sequence[str] = (),
 ) -> Path:
-    """Train and write ``output_prefix.model``/``.vocab``; returns the ``.model`` path."""
+    """Train and write ``output_prefix.model``/``.vocab``; returns the ``.model`` path.
+
+    ``user_defined_symbols`` (e.g. Think-Fusion's ``/think``, ``/no_think``, ``<think>``,
+    ``</think>``) get ids 4, 5, ... and are always one piece, wherever they occur in a text."""
     import sentencepiece
 
     output_prefix = Path(output_prefix)
@@ -52,6 +61,7 @@ def train_tokenizer(
         bos_id=BOS_ID,
         eos_id=EOS_ID,
         pad_id=PAD_ID,
+        user_defined_symbols=list(user_defined_symbols),
         num_threads=threads,
         minloglevel=2,
     )
@@ -64,12 +74,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size (default 8000)")
     parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     parser.add_argument("--threads", type=int, default=2, help="trainer threads")
+    parser.add_argument(
+        "--user-defined-symbols",
+        nargs="+",
+        default=[],
+        metavar="SYMBOL",
+        help="strings that are always one piece (ids 4, 5, ...), e.g. /think /no_think '<think>' '</think>'",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
-        model = train_tokenizer(args.input, args.output, args.vocab_size, args.model_type, args.threads)
+        model = train_tokenizer(
+            args.input, args.output, args.vocab_size, args.model_type, args.threads, args.user_defined_symbols
+        )
     # SentencePiece reports bad settings (e.g. a vocabulary too large) as RuntimeError.
     except (InvalidRecord, UnreadableInput, OSError, RuntimeError) as e:
         print(f"prefpack train-tokenizer: error: {e}", file=sys.stderr)
