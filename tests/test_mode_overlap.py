@@ -292,3 +292,14 @@ def test_preprocessed_responses_start_with_the_marker_token(tmp_path: Path) -> N
         assert thinking_ids[:2] == marker_ids[0] + marker_ids[2]
         assert plain_ids[:1] == marker_ids[1]
         assert tokenizer.decode(plain_ids[1:]).startswith(f" answer {i}")
+
+
+def test_outputs_never_overwrite_inputs(text_sets: tuple[Path, Path], tmp_path: Path) -> None:
+    thinking, plain = text_sets
+    before = thinking.read_text(), plain.read_text()
+    with pytest.raises(ModeOverlapError, match=r"--emit-single .* would overwrite the --thinking input"):
+        build_mode_overlap(thinking, plain, tmp_path / "o.jsonl", emit_single=thinking.parent)
+    with pytest.raises(ModeOverlapError, match="--output would overwrite the --plain input"):
+        build_mode_overlap(thinking, plain, plain)
+    assert (thinking.read_text(), plain.read_text()) == before
+    assert not (tmp_path / "o.jsonl").exists()

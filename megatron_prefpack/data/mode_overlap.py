@@ -124,7 +124,7 @@ class JoinCounts:
                 f"{counts.only_here} prompts only here (dropped), "
                 f"{counts.duplicates} duplicate-prompt records (dropped; the first record of a prompt is used)"
             )
-        lines += [f"single-mode {mode} set  -> {path}" for mode, path in self.single.items()]
+        lines += [f"{'single-mode ' + mode:<22} {'':>7}  -> {path}" for mode, path in self.single.items()]
         return "\n".join(lines)
 
 
@@ -231,6 +231,14 @@ def _first_by_prompt(records: Iterable[Record], counts: SetCounts) -> dict[tuple
     return first
 
 
+def _refuse_overwriting_inputs(inputs: dict[str, str | Path], outputs: dict[str, str | Path]) -> None:
+    """Raise :class:`ModeOverlapError` when an output file would replace an input file."""
+    for out_option, out_path in outputs.items():
+        for in_option, in_path in inputs.items():
+            if Path(out_path).resolve() == Path(in_path).resolve():
+                raise ModeOverlapError(f"{out_option} would overwrite the {in_option} input {in_path}")
+
+
 def build_mode_overlap(
     thinking: str | Path,
     plain: str | Path,
@@ -243,8 +251,13 @@ def build_mode_overlap(
 
     Every record of both files is checked before anything is written. Raises
     :class:`InvalidRecord`, :class:`UnreadableInput`, ``OSError``, or :class:`ModeOverlapError`
-    when no prompt is in both files (nothing is written then).
+    when an output path is an input or no prompt is in both files (nothing is written then).
     """
+    single = {mode: Path(emit_single) / f"{mode}.jsonl" for mode in MODES} if emit_single is not None else {}
+    _refuse_overwriting_inputs(
+        {"--thinking": thinking, "--plain": plain},
+        {"--output": output, **{f"--emit-single {path}": path for path in single.values()}},
+    )
     counts = JoinCounts(SetCounts(str(thinking)), SetCounts(str(plain)), output=str(output))
     sets = {
         mode: list(read_mode_set(path, mode, markers))
@@ -264,16 +277,13 @@ def build_mode_overlap(
         for key in matched:
             responses = [with_marker(firsts[mode][key].responses[0], markers.of(mode)) for mode in MODES]
             f.write(_record_json(firsts["thinking"][key].prompt, responses) + "\n")
-    if emit_single is not None:
-        for mode in MODES:
-            path = Path(emit_single) / f"{mode}.jsonl"
-            with _AtomicText(path) as f:
-                for record in sets[mode]:
-                    f.write(
-                        _record_json(record.prompt, [with_marker(record.responses[0], markers.of(mode))])
-                        + "\n"
-                    )
-            counts.single[mode] = str(path)
+    for mode, path in single.items():
+        with _AtomicText(path) as f:
+            for record in sets[mode]:
+                f.write(
+                    _record_json(record.prompt, [with_marker(record.responses[0], markers.of(mode))]) + "\n"
+                )
+        counts.single[mode] = str(path)
     return counts
 
 
