@@ -73,6 +73,10 @@ SUBCOMMANDS: dict[str, Command | CommandGroup] = {
         "megatron_prefpack.training.merge_lora",
         "fold a LoRA run's adapters into its base model: a full checkpoint (torchrun for large models)",
     ),
+    "merge": Command(
+        "megatron_prefpack.training.merge_checkpoints",
+        "weighted linear merge of full checkpoints saved under any layouts (e.g. 0.8 A + 0.2 B)",
+    ),
 }
 
 
