@@ -77,6 +77,10 @@ SUBCOMMANDS: dict[str, Command | CommandGroup] = {
         "megatron_prefpack.training.merge_checkpoints",
         "weighted linear merge of full checkpoints saved under any layouts (e.g. 0.8 A + 0.2 B)",
     ),
+    "report": Command(
+        "megatron_prefpack.training.report",
+        "charts of a training run from its metrics.jsonl: loss, rewards, learning rate, throughput, grad norm",
+    ),
 }
 
 

@@ -7,6 +7,8 @@ group, and attention query-key pairs per group (the causal-attention FLOP proxy:
 a varlen kernel computes, exactly the True entries of ``layout.dense_mask`` on real tokens),
 with ratios against ``unpacked``. ``unpacked_sorted`` is the paper's batch sorting: the
 unpacked rows length-sorted and each micro-batch padded only to its longest row.
+``--plot FILE.png`` draws the same figures as bar charts, each bar marked with its ratio to
+``unpacked`` (needs matplotlib: the ``plot`` extra).
 
 All layouts are compared on the same groups: those that fit a row in every layout
 (:meth:`GroupLengths.fits_every_layout`). The others are counted per layout and excluded.
@@ -17,11 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from megatron_prefpack.data import plotting
 from megatron_prefpack.data.packing import LAYOUTS, GroupLengths, PackingConfig, pack
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", default=None, help="also draw the figures as bar charts"
+    )
 
 
 def compare_layouts(
@@ -171,12 +181,42 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def packing_figure(result: dict[str, Any]) -> Figure:
+    """Bar charts of :func:`compare_layouts`' figures (``result`` as ``--json`` prints it), one
+    panel per column of the table, each bar marked with its value and its ratio to unpacked
+    (padding with its percentage alone)."""
+    layouts = result["layouts"]
+
+    def panel(title: str, key: str, fmt: str) -> plotting.BarPanel:
+        heights = {name: entry[key] for name, entry in layouts.items()}
+        return plotting.ratio_panel(title, heights, fmt, {"unpacked": "unp"})
+
+    padding = {name: 100 * entry["padding_fraction"] for name, entry in layouts.items()}
+    panels = [
+        panel(f"rows of {result['seq_len']}", "rows", ","),
+        plotting.ratio_panel("padding (%)", padding, ".2f", {}),
+        panel("computed tokens per group", "tokens_per_group", ".1f"),
+        panel("real tokens per group", "real_tokens_per_group", ".1f"),
+        panel("attention pairs per group", "attention_pairs_per_group", ",.0f"),
+    ]
+    title = (
+        f"prefpack bench packing: {Path(result['data']).name}, {result['groups']:,} groups, "
+        f"rows of {result['seq_len']} (x unp: ratio to unpacked)"
+    )
+    return plotting.bar_figure(title, panels)
+
+
 def run(args: argparse.Namespace) -> int:
     from megatron_prefpack.data.records import InvalidRecord
     from megatron_prefpack.data.tokenizers import TokenizerError
 
     if args.seq_len < 1 or args.micro_batch_size < 1:
         print("error: --seq-len and --micro-batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        plot = plotting.check_output(args.plot) if args.plot else None
+    except (plotting.PlottingUnavailable, ValueError) as e:
+        print(f"error: --plot: {e}", file=sys.stderr)
         return 2
     try:
         lengths, cut = load_lengths(
@@ -195,4 +235,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: no group of {args.data} fits a row of {args.seq_len} tokens", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else format_table(result))
+    if plot is not None:
+        print(f"chart: {plotting.save_png(packing_figure(result), plot)}", file=sys.stderr)
     return 0

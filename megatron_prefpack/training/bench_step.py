@@ -10,7 +10,9 @@ layout's peak allocated GPU memory (``torch.cuda.max_memory_allocated`` after re
 at the layout's start: weights, gradients and that layout's activations; ``null`` on CPU). One
 process; the device is CUDA when present (set ``--backend``), else CPU with the reference
 attention. ``--dtype`` sets the parameter dtype (default: the preset's); a bf16/fp16 model runs
-inside Megatron's ``Float16Module`` as in training.
+inside Megatron's ``Float16Module`` as in training. ``--plot FILE.png`` draws rows, time per
+pass, computed tokens, groups/s and (on CUDA) peak memory as bar charts, each bar marked with its
+ratios to the unpacked and duplicated rows (needs matplotlib: the ``plot`` extra).
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from megatron_prefpack.data import plotting
 from megatron_prefpack.data.packing import LAYOUTS, GroupLengths, PackingConfig, pack
 from megatron_prefpack.models.config import DTYPES
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from megatron_prefpack.data.group_dataset import GroupDataset
     from megatron_prefpack.models.config import ModelConfig
 
@@ -46,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default=None, help="parameter dtype (default: the preset's params_dtype)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", default=None, help="also draw the figures as bar charts"
+    )
 
 
 def _time_layout(
@@ -148,6 +156,31 @@ def _format_table(result: dict[str, Any], repeats: int) -> str:
     return "\n".join(lines)
 
 
+def step_figure(result: dict[str, Any]) -> Figure:
+    """Bar charts of a ``bench step`` result (as ``--json`` prints it): rows, seconds per pass,
+    computed tokens, groups/s and, when measured (CUDA), peak memory; each bar is marked with
+    its value and its ratios to the unpacked and duplicated rows."""
+    layouts = result["layouts"]
+
+    def panel(title: str, key: str, fmt: str, scale: float = 1.0) -> plotting.BarPanel:
+        heights = {name: entry[key] * scale for name, entry in layouts.items()}
+        return plotting.ratio_panel(title, heights, fmt, {"unpacked": "unp", "duplicated": "dup"})
+
+    panels = [
+        panel(f"rows of {result['seq_len']}", "rows", ",.0f"),
+        panel("seconds per pass (fwd + bwd)", "seconds_per_pass", ".3f"),
+        panel("computed tokens", "computed_tokens", ",.0f"),
+        panel("groups per second", "groups_per_s", ".1f"),
+    ]
+    if all(entry["peak_memory_bytes"] is not None for entry in layouts.values()):
+        panels.append(panel("peak memory (GiB)", "peak_memory_bytes", ".2f", 2.0**-30))
+    title = (
+        f"prefpack bench step: {result['model']} on {result['device']} ({result['dtype']}), "
+        f"{result['groups']} groups, rows of {result['seq_len']} (x unp, x dup: ratio to unpacked, duplicated)"
+    )
+    return plotting.bar_figure(title, panels)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -155,8 +188,9 @@ def run(args: argparse.Namespace) -> int:
     from megatron_prefpack.platform import distributed as platform
 
     try:
+        plot = plotting.check_output(args.plot) if args.plot else None
         data, lengths, cfg = _inputs(args)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, plotting.PlottingUnavailable) as err:
         print(f"prefpack bench step: error: {err}", file=sys.stderr)
         return 2
     platform.initialize()
@@ -184,4 +218,6 @@ def run(args: argparse.Namespace) -> int:
         "layouts": figures,
     }
     print(json.dumps(result, indent=1) if args.json else _format_table(result, args.repeats))
+    if plot is not None:
+        print(f"chart: {plotting.save_png(step_figure(result), plot)}", file=sys.stderr)
     return 0
