@@ -37,6 +37,7 @@ CHART_METRICS = {
     "learning_rate": ["lr"],
     "throughput": ["tokens_per_s", "tflops_per_device"],
     "grad_norm": ["grad_norm"],
+    "memory": ["mem/max_allocated_gib", "mem/max_reserved_gib"],
 }
 
 
@@ -104,6 +105,7 @@ def dpo_records() -> list[dict]:
     """A resumed DPO run: step 2 written twice (the second wins), eval at step 2 twice, a NaN
     loss and grad norm, an infinite margin, the reward metrics renamed between the runs."""
     train = {"lr": 1e-3, "tokens_per_s": 100.0, "tflops_per_device": 0.01, "grad_norm": 1.0}
+    train |= {"mem/max_allocated_gib": 1.5, "mem/max_reserved_gib": 2.0}
     old = {"rewards/accuracy": 0.5, "rewards/margin": 0.1}
     return [
         {"split": "eval", "step": 0, "time": 0.0, "loss": 0.69, **old, "count": 4},
@@ -134,7 +136,7 @@ def test_report_of_a_synthetic_run(tmp_path, capsys):
 
     assert main(["report", str(tmp_path / "run"), "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    names = ["loss", "rewards", "learning_rate", "throughput", "grad_norm"]
+    names = list(CHART_METRICS)
     for name in names:
         check_png(tmp_path / "out" / f"{name}.png")
         assert str(tmp_path / "out" / f"{name}.png") in out
@@ -371,16 +373,19 @@ def prefpack_train(run_dir: Path, data: Path, *extra: str) -> None:
 @pytest.mark.slow
 def test_report_of_real_training_runs(tmp_path, capsys):
     """DPO for 2 steps; SFT for 2 steps, resumed to 3 (the resumed run evaluates step 2 again)."""
+    import torch
+
     from tests.test_train import SFT, make_dataset
 
     data = make_dataset(tmp_path / "ds")
     dpo = tmp_path / "dpo"
     prefpack_train(dpo, data, "run.train_steps=2")
     plotted = check_charts_follow_the_file(dpo / "metrics.jsonl")
-    assert set(plotted) == set(CHART_METRICS)
+    gpu_only = set() if torch.cuda.is_available() else {"memory"}
+    assert set(plotted) == set(CHART_METRICS) - gpu_only
     assert plotted["rewards"] == {(m, s) for m in CHART_METRICS["rewards"] for s in ("train", "eval")}
     assert main(["report", str(dpo)]) == 0
-    for name in CHART_METRICS:
+    for name in plotted:
         check_png(dpo / "report" / f"{name}.png")
 
     sft = tmp_path / "sft"
@@ -396,7 +401,7 @@ def test_report_of_real_training_runs(tmp_path, capsys):
         ("train", 3),
     ]
     plotted = check_charts_follow_the_file(sft / "metrics.jsonl")
-    assert set(plotted) == {"loss", "learning_rate", "throughput", "grad_norm"}
+    assert set(plotted) == {"loss", "learning_rate", "throughput", "grad_norm"} | ({"memory"} - gpu_only)
     assert main(["report", str(sft)]) == 0
     assert "repeating an earlier (split, step), as a resumed run appends them: 1" in capsys.readouterr().out
     assert not (sft / "report" / "rewards.png").exists() and (sft / "report" / "loss.png").is_file()

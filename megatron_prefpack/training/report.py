@@ -12,6 +12,7 @@ one object per line, ``{"split": "train"|"eval", "step": int, "time": float, <me
 - ``learning_rate.png``: ``lr``;
 - ``throughput.png``: ``tokens_per_s`` and ``tflops_per_device``;
 - ``grad_norm.png``: ``grad_norm``;
+- ``memory.png``: ``mem/max_allocated_gib`` and ``mem/max_reserved_gib`` (CUDA runs);
 
 plus ``report.md``, an index: what was read, the last value of every plotted series, and the
 charts. The x axis is the optimizer step. A resumed run appends to the file, so a
@@ -156,6 +157,14 @@ CHARTS = (
         (Panel("tokens/s", ("tokens_per_s",)), Panel("TFLOP/s per device", ("tflops_per_device",))),
     ),
     ChartSpec("grad_norm", "Gradient norm", (Panel("gradient norm", ("grad_norm",)),)),
+    ChartSpec(
+        "memory",
+        "Peak GPU memory",
+        (
+            Panel("max allocated (GiB)", ("mem/max_allocated_gib",)),
+            Panel("max reserved (GiB)", ("mem/max_reserved_gib",)),
+        ),
+    ),
 )
 
 
