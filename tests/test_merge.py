@@ -64,7 +64,10 @@ def _save_model(args: list[str], path: str) -> None:
         check_parallel_layout(cfg, dist.get_world_size(), model_cfg)
         rm = cfg.objective.type == "rm"
         chunks = build_chunks(
-            model_cfg, transformer_config(cfg, model_cfg), reward_head=rm, head_init_std=0.5
+            model_cfg,
+            transformer_config(cfg, model_cfg),
+            reward_head=rm,
+            head_init_std=cfg.objective.rm.head_init_std,
         )
         state = checkpoint.CheckpointState(
             3, 12, None, cfg.objective.type, to_yaml(cfg), dist.get_world_size()
@@ -246,7 +249,17 @@ def test_weights_one_zero_give_input_a_bit_for_bit(layout_inputs, tmp_path):
 
 
 def test_reward_models_merge_with_their_heads(dataset, tmp_path):
-    inputs = [save(dataset, tmp_path / f"rm{seed}" / "ckpt", 1, *RM, f"run.seed={seed}") for seed in (1, 2)]
+    inputs = [
+        save(
+            dataset,
+            tmp_path / f"rm{seed}" / "ckpt",
+            1,
+            *RM,
+            f"run.seed={seed}",
+            f"objective.rm.head_init_std={std}",
+        )
+        for seed, std in ((1, 0.5), (2, 0.2))
+    ]
     out = tmp_path / "merged"
     run_distributed(_merge, 1, [str(p) for p in inputs], [0.25, 0.75], str(out), [], timeout=180)
     *states, got = full_states(*inputs, out)

@@ -19,8 +19,8 @@ norms included, which is nearly always a typo; ``--allow-any-sum`` merges anyway
 
 Layout. The merge runs under its own layout: the launcher's world size (one process, or
 ``torchrun``/``srun`` for a model too large for one) and ``parallel.*`` overrides (``--set
-parallel.tensor=2``), every other parallel setting at its default; nothing else may be
-overridden (the model is the inputs'). The output is written in that layout, as any
+parallel.tensor=2``), every other parallel and performance setting at its default; nothing else
+may be overridden (the model is the inputs'). The output is written in that layout, as any
 checkpoint of this package, and ``checkpoint.load`` reads it under any other.
 
 Streaming. One model is built, under the merge's layout (input A's config; a reward head for
@@ -30,8 +30,8 @@ manifest, resharded by Megatron's dist_checkpointing from the layout it was save
 accumulator is copied into the model after the last input and saved. Every floating-point
 entry of the state dict is merged (parameters and buffers such as the router's expert bias);
 other entries (Transformer Engine's extra state) are input A's. Peak memory per rank: its model
-shard (parameter dtype) + the fp32 accumulator of that shard (4 bytes per parameter) + one fp32
-copy of the largest single tensor + what Megatron's loader allocates while reading one input's
+shard (parameter dtype) + the fp32 accumulator of that shard (4 bytes per parameter) + two fp32
+copies of its largest single tensor + what Megatron's loader allocates while reading one input's
 shard (at most one more shard); no rank ever holds a full state dict. The arithmetic,
 ``acc = w_0 * float(t_0)``, then ``acc = acc + w_i * float(t_i)`` in input order, rounded to
 the parameter dtype once at the end, is elementwise: the result does not depend on the layouts.
@@ -233,7 +233,12 @@ def _output_config(first: MergeInput, overrides: Sequence[str]) -> Any:
     defaults, then the ``parallel.*`` ``overrides``."""
     from megatron_prefpack.training.config import ParallelConfig, PerformanceConfig, apply_override
 
-    cfg = dataclasses.replace(first.config, parallel=ParallelConfig(), performance=PerformanceConfig())
+    cfg = dataclasses.replace(
+        first.config,
+        parallel=ParallelConfig(),
+        performance=PerformanceConfig(),
+        source="the merge's layout (world size, --set parallel.*)",
+    )
     for override in overrides:
         key = override.partition("=")[0].strip()
         if not key.startswith("parallel."):
@@ -245,14 +250,12 @@ def _output_config(first: MergeInput, overrides: Sequence[str]) -> Any:
     return cfg
 
 
-def _check_output(output: Path, inputs: list[MergeInput]) -> None:
+def _check_output(output: Path) -> None:
+    """A merge writes a new save dir: ``output`` must not exist or be empty (so it holds no input)."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise MergeError(
             f"--output {output}: exists and is not an empty directory (a merge writes a new one)"
         )
-    for item in inputs:
-        if output.resolve() in (item.path.resolve(), *item.path.resolve().parents):
-            raise MergeError(f"--output {output}: holds the input {item.path}")
 
 
 def plan_merge(
@@ -269,7 +272,7 @@ def plan_merge(
     read = [_read_input(path, float(w)) for path, w in zip(inputs, weights, strict=True)]
     for other in read[1:]:
         _check_same_model(read[0], other)
-    _check_output(output, read)
+    _check_output(output)
     return MergePlan(read, _output_config(read[0], overrides), output)
 
 
@@ -375,9 +378,10 @@ def run_merge(plan: MergePlan) -> Path:
             if i == 0:
                 kept = [_unmerged_entries(chunk) for chunk in chunks]
             _accumulate(acc, chunks, item.weight)
+            saved = f"step {item.state.step}, saved by {item.state.world_size} rank(s) under {_layout(item.config.parallel)}"
             _progress(
-                f"input {i + 1}/{len(plan.inputs)} {item.path} (step {item.state.step}, "
-                f"saved by {item.state.world_size} rank(s) under {_layout(item.config.parallel)}): weight {item.weight:g}, added in {time.perf_counter() - tick:.1f} s"
+                f"input {i + 1}/{len(plan.inputs)} {item.path} ({saved}): weight {item.weight:g}, "
+                f"added in {time.perf_counter() - tick:.1f} s"
             )
         _write_back(acc, chunks, kept)
         state = checkpoint.CheckpointState(
