@@ -8,12 +8,17 @@ Layout of a save directory::
         prefpack.json               step, data position, scheduler, objective, config
         manifest.json               every other file's relative path, size and sha256
     <save>/latest                   text file: "iter_0000100"
+    <save>/best.json                with checkpoint.keep_best: the best checkpoints, ranked
 
 Saving. Every rank writes into ``iter_XXXXXXX.partial``; the files are hashed (split across
 ranks), ``prefpack.json`` and then ``manifest.json`` are written, and only then is the
 directory renamed and ``latest`` replaced atomically. A step saved again (a requeued job that
 had finished) first moves the old directory to ``iter_XXXXXXX.replaced`` and removes it once
-the new one is in place and ``latest`` names it. Older checkpoints beyond ``keep`` go last.
+the new one is in place and ``latest`` names it. Older checkpoints beyond ``keep`` go last,
+except the best ``keep_best`` by a held-out metric (:class:`BestPolicy`): each checkpoint's
+``prefpack.json`` records the evaluation at its step, so the ranking is rebuilt from the
+checkpoints themselves after any crash or restart; ``best.json`` (replaced atomically after
+each save) lists it.
 After a crash at any point, :func:`find_resume` finds a complete checkpoint at least as new as
 the last save that returned.
 
@@ -62,6 +67,7 @@ from megatron_prefpack.data.json_files import read_json_object
 from megatron_prefpack.training.safe_pickle import RefusedPickle, load_weights_only, restricted_reads
 
 LATEST = "latest"
+BEST = "best.json"
 META = "prefpack.json"
 MANIFEST = "manifest.json"
 RANK_STATE = "rank_state"
@@ -96,6 +102,21 @@ class CheckpointState:
     base: dict[str, Any] | None = None
     """A LoRA run's checkpoint: the :func:`identity` of the full checkpoint its adapters apply
     to (its tensors hold only what the run trains). None: a full checkpoint."""
+    eval: dict[str, float] | None = None
+    """The held-out metrics of the evaluation at this step (finite values only), which rank
+    the checkpoint for :class:`BestPolicy`. None: not evaluated at its step."""
+
+
+@dataclass(frozen=True)
+class BestPolicy:
+    """``checkpoint.keep_best``: pruning also keeps the ``keep`` complete checkpoints whose
+    recorded evaluation has the lowest (``mode="min"``) or highest (``"max"``) finite
+    ``metric``; at equal values the newer one ranks first. Checkpoints without that metric are
+    not ranked."""
+
+    keep: int
+    metric: str
+    mode: Literal["min", "max"]
 
 
 @dataclass
@@ -753,13 +774,15 @@ def save(
     model_chunks: list[torch.nn.Module],
     optimizer: Any,
     keep: int,
+    best: BestPolicy | None = None,
 ) -> Path:
     """Save a complete checkpoint for ``state.step``; returns its directory.
 
     Collective. Safe at every crash point (see the module docstring), also when
     ``state.step`` was saved before. ``keep`` > 0 then removes all but the newest ``keep``
-    complete checkpoints, never the newest one nor the one ``latest`` names. A LoRA model
-    saves what it trains only, and ``state.base`` must name its base checkpoint."""
+    complete checkpoints, never the newest one nor the one ``latest`` names, nor, with
+    ``best``, the best ``best.keep`` (listed in ``best.json`` first). A LoRA model saves what
+    it trains only, and ``state.base`` must name its base checkpoint."""
     part: Part = "all"
     if has_adapters(model_chunks):
         if state.base is None:
@@ -784,8 +807,9 @@ def save(
     write_manifest(partial)
     if _rank() == 0:
         _publish(save_dir, partial, final)
+        ranked = _write_best(save_dir, best) if best is not None else []
         if keep > 0:
-            _prune(save_dir, keep, final)
+            _prune(save_dir, keep, final, ranked)
     _barrier()
     return final
 
@@ -807,13 +831,46 @@ def _publish(save_dir: Path, partial: Path, final: Path) -> None:
         _remove_tree(replaced)
 
 
-def _prune(save_dir: Path, keep: int, current: Path) -> None:
+def best_checkpoints(save_dir: str | Path, policy: BestPolicy) -> list[tuple[Path, float]]:
+    """The best ``policy.keep`` complete checkpoints of ``save_dir`` with their values, best
+    first, ranked by the evaluation each ``prefpack.json`` records (see :class:`BestPolicy`);
+    a checkpoint whose state file cannot be read is not ranked. Reads files only."""
+    scored = []
+    for ckpt in _candidates(Path(save_dir)):
+        if not (_ITER.match(ckpt.name) and (ckpt / MANIFEST).is_file()):
+            continue
+        try:
+            value = (_read_state_file(ckpt).eval or {}).get(policy.metric)
+        except CheckpointError:
+            continue
+        if isinstance(value, (int, float)) and np.isfinite(value):
+            scored.append((ckpt, float(value)))
+    sign = 1.0 if policy.mode == "min" else -1.0
+    scored.sort(key=lambda item: (sign * item[1], -_step(item[0])))
+    return scored[: policy.keep]
+
+
+def _write_best(save_dir: Path, policy: BestPolicy) -> list[Path]:
+    """Replace ``best.json`` atomically with the current :func:`best_checkpoints`; returns them."""
+    ranked = best_checkpoints(save_dir, policy)
+    listing = {
+        **dataclasses.asdict(policy),
+        "best": [{"checkpoint": p.name, "step": _step(p), "value": v} for p, v in ranked],
+    }
+    tmp = save_dir / f".{BEST}.tmp"
+    _fs(_write_bytes, tmp, (json.dumps(listing, indent=1) + "\n").encode())
+    _fs(_rename, tmp, save_dir / BEST)
+    return [p for p, _ in ranked]
+
+
+def _prune(save_dir: Path, keep: int, current: Path, best: list[Path]) -> None:
     """Remove complete checkpoints beyond the newest ``keep`` (never ``current``, which
-    ``latest`` names, nor the newest), and what interrupted saves and removals left behind:
-    unfinished ``.partial`` saves, and directories without a manifest older than ``current``."""
+    ``latest`` names, nor the newest, nor those in ``best``), and what interrupted saves and
+    removals left behind: unfinished ``.partial`` saves, and directories without a manifest
+    older than ``current``."""
     candidates = _candidates(save_dir)
     complete = [p for p in candidates if (p / MANIFEST).is_file()]
-    protected = {current, *complete[:keep]}
+    protected = {current, *complete[:keep], *best}
     for old in candidates:
         if old not in protected and (old in complete or _step(old) < _step(current)):
             _remove_tree(old)

@@ -60,6 +60,21 @@ class RunConfig:
     such steps in a row stop the run with a non-zero exit naming the step."""
     timeout_minutes: float = 30.0
     """Collective timeout: a hung or stalled peer ends the job (non-zero exit) after this long."""
+    progress_bar: bool | Literal["auto"] = "auto"
+    """A tqdm progress bar (step, loss, ETA) on rank 0's stderr; ``auto``: only when stderr is
+    a terminal (never in CI or batch jobs). Log lines go to stdout either way, whole."""
+    wandb_project: str | None = None
+    """Also log to Weights & Biases, in this project (None: no W&B; ``WANDB_PROJECT`` alone
+    does not turn it on). Rank 0 only; the run config is the W&B config; a resumed run
+    continues the W&B run whose id ``<run.dir>/wandb_run_id`` holds. Needs ``wandb``."""
+    wandb_entity: str | None = None
+    """W&B team or user (None: ``WANDB_ENTITY`` or the account's default)."""
+    wandb_name: str | None = None
+    """W&B run name (None: ``WANDB_NAME`` or a generated one)."""
+    wandb_mode: Literal["online", "offline"] | None = None
+    """``offline`` writes the run locally for ``wandb sync`` (None: ``WANDB_MODE``, else online)."""
+    wandb_dir: str | None = None
+    """Where W&B writes its files (None: ``WANDB_DIR``, else ``run.dir``)."""
 
 
 @dataclass
@@ -238,6 +253,16 @@ class CheckpointConfig:
     """Save every N steps (0: only at the end and on SIGTERM)."""
     keep: int = 2
     """Keep the newest N checkpoints (0: keep all)."""
+    keep_best: int = 0
+    """Also keep the N checkpoints with the best held-out ``best_metric`` (0: off). Needs a
+    held-out split (``data.eval_fraction``); with it on, every evaluation during training is
+    followed by a save, so each evaluated step has its checkpoint, which records the
+    evaluation. Pruning keeps the newest ``keep`` and these; ``<save>/best.json`` lists them."""
+    best_metric: str = "loss"
+    """The held-out metric that ranks checkpoints: a name the objective evaluates
+    (``loss``, ``rewards/accuracies``, ...; checked at start-up)."""
+    best_mode: Literal["min", "max"] | None = None
+    """Whether lower or higher ``best_metric`` is better; None only for ``loss`` (min)."""
     auto_resume: bool = True
     """When the save dir already holds a complete checkpoint, continue from the newest one
     (weights, optimizer, schedule, data position, RNG) instead of ``load``: a requeued or
@@ -300,6 +325,8 @@ def _yaml_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -582,6 +609,7 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "objective.rm.head_init_std": ("> 0", lambda value: value > 0),
     "checkpoint.interval": _at_least(0),
     "checkpoint.keep": _at_least(0),
+    "checkpoint.keep_best": _at_least(0),
 }
 """Dotted key -> (the allowed range in words, its test); None values (unset) are not checked.
 ``objective.dpo`` ranges are :class:`DPOConfig`'s own; the model's are ``ModelConfig``'s."""
@@ -634,6 +662,45 @@ def _check_values(cfg: TrainConfig) -> None:
             related=["data.micro_batch_size"],
         )
     _check_performance(cfg)
+    _check_logging(cfg)
+    _check_best_checkpoints(cfg)
+
+
+def _check_logging(cfg: TrainConfig) -> None:
+    """The W&B keys need ``run.wandb_project`` (W&B is off without it), which must name one."""
+    run = cfg.run
+    if run.wandb_project is None:
+        for key in ("wandb_entity", "wandb_name", "wandb_mode", "wandb_dir"):
+            if getattr(run, key) is not None:
+                raise config_error(
+                    cfg,
+                    f"run.{key}",
+                    "applies to Weights & Biases logging, which is off: set run.wandb_project too",
+                    related=["run.wandb_project"],
+                )
+    elif not run.wandb_project.strip():
+        raise config_error(cfg, "run.wandb_project", "must name a W&B project (null: no W&B)")
+
+
+def _check_best_checkpoints(cfg: TrainConfig) -> None:
+    """``checkpoint.keep_best`` needs evaluations, and a direction for a metric other than the loss."""
+    ckpt = cfg.checkpoint
+    if not ckpt.keep_best:
+        return
+    if cfg.data.eval_fraction == 0:
+        raise config_error(
+            cfg,
+            "checkpoint.keep_best",
+            "ranks checkpoints by a held-out metric: set data.eval_fraction > 0",
+            related=["data.eval_fraction"],
+        )
+    if ckpt.best_mode is None and ckpt.best_metric != "loss":
+        raise config_error(
+            cfg,
+            "checkpoint.best_mode",
+            f"say whether a lower ('min') or higher ('max') {ckpt.best_metric!r} is better",
+            related=["checkpoint.best_metric"],
+        )
 
 
 def _check_performance(cfg: TrainConfig) -> None:
@@ -791,6 +858,12 @@ def _check_runtime_support(cfg: TrainConfig, model: Any) -> None:
         reason = features.missing_for(needs) if enabled(cfg) else None
         if reason:
             raise config_error(cfg, key, reason)
+    if cfg.run.wandb_project is not None and not features.installed("wandb"):
+        raise config_error(
+            cfg,
+            "run.wandb_project",
+            "Weights & Biases logging needs wandb (pip install wandb), not installed here",
+        )
     perf = cfg.performance
     defaults = PerformanceConfig()
     moe_keys = [

@@ -31,7 +31,9 @@ import contextlib
 import copy
 import dataclasses
 import itertools
+import math
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,8 +313,10 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
     from megatron_prefpack.training.data import build_data
     from megatron_prefpack.training.metrics import (
         MetricsLogger,
+        StepLog,
         attention_width,
         count_parameters,
+        memory_metrics,
         step_flops,
     )
     from megatron_prefpack.training.model_setup import (
@@ -341,8 +345,7 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
     par = cfg.parallel
     tcfg = transformer_config(cfg, model_cfg)
     run_dir = Path(cfg.run.dir)
-    with _lock_run_dirs(cfg, rank) as lock_notes:
-        log = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.run.tensorboard)
+    with _lock_run_dirs(cfg, rank) as lock_notes, MetricsLogger(cfg, enabled=rank == 0) as log:
         for note in lock_notes:
             log.info(note)
         if rank == 0:
@@ -364,6 +367,7 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
 
         # 3. policy (+ reward head), starting weights, DDP, optimizer, schedule
         objective, keys = _objective(cfg)
+        best = _best_policy(cfg, keys)
         is_rm = cfg.objective.type == "rm"
         load, resume = _starting_point(cfg, log)
         start = checkpoint.resolve(load) if load is not None else None  # the iteration dir
@@ -482,13 +486,14 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         # Megatron's interleaved schedule runs whole groups of `pipeline` micro-batches.
         schedule_multiple = par.pipeline if par.virtual_pipeline else 1
 
-        def run_eval() -> None:
-            """Evaluate the held-out split in pieces of one step's micro-batches; a SIGTERM
-            between pieces abandons the evaluation (the caller saves)."""
+        def run_eval() -> dict[str, float] | None:
+            """Evaluate the held-out split in pieces of one step's micro-batches and log it; a
+            SIGTERM between pieces abandons the evaluation (the caller saves). Returns the
+            metrics (None: no held-out split, or abandoned)."""
             with synced_params(model, optimizer):
-                evaluate_held_out()
+                return evaluate_held_out()
 
-        def evaluate_held_out() -> None:
+        def evaluate_held_out() -> dict[str, float] | None:
             items = [
                 MicroBatch(b, max(objective.count(b), 1), counted)
                 for b, counted in data.eval_micro_batches(dp_rank, dp, eval_chunk_rows, eval_rows, device)
@@ -497,22 +502,25 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
             for start in range(0, len(items), steps_per_mb):
                 if watcher.should_stop(device):
                     log.info(f"evaluation at step {step} abandoned: SIGTERM")
-                    return
+                    return None
                 piece = _fill_to_multiple(items[start : start + steps_per_mb], schedule_multiple)
                 ref = reference_for([i.batch for i in piece])
                 for key, value in evaluate(model, piece, objective, keys, forward, ref, device).items():
                     sums[key] = sums.get(key, 0.0) + value
             if not sums:
-                return
+                return None
             metrics = {**_means(sums), "count": round(sums["count"])}
             result.evals.append({"step": step, **metrics})
-            log.log("eval", step, metrics)
+            log.eval(step, metrics)
+            return metrics
 
-        def save() -> Path:
+        def save(held_out: dict[str, float] | None = None) -> Path:
+            """Save this step (``held_out``: the evaluation at it, which ranks it for
+            ``checkpoint.keep_best``)."""
             with synced_params(model, optimizer):
-                return save_synced()
+                return save_synced(held_out)
 
-        def save_synced() -> Path:
+        def save_synced(held_out: dict[str, float] | None) -> Path:
             if not _params_finite(model, device):
                 raise TrainingDiverged(f"step {step}: the weights hold NaN/inf; not saving them")
             state = checkpoint.CheckpointState(
@@ -523,14 +531,16 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
                 config_yaml=to_yaml(cfg),
                 world_size=world,
                 base=base,
+                eval=None if held_out is None else {k: v for k, v in held_out.items() if math.isfinite(v)},
             )
-            path = checkpoint.save(cfg.save_dir, state, model, optimizer, cfg.checkpoint.keep)
+            path = checkpoint.save(cfg.save_dir, state, model, optimizer, cfg.checkpoint.keep, best)
             log.info(f"saved checkpoint {path}")
             return path
 
         run_eval()
         nonfinite_in_a_row = 0
         while step < cfg.run.train_steps and not watcher.should_stop(device):
+            started = time.perf_counter()
             rows = list(itertools.islice(batch_iter, steps_per_mb))
             batches = [data.train_rows.batch(r).to(device) for r in rows]
             out = train_step(
@@ -545,26 +555,30 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
                 device,
                 sum(model_cfg.moe_layer_pattern()),
             )
+            seconds = time.perf_counter() - started
             step += 1
             consumed_rows += cfg.data.global_batch_size
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if out.nonfinite else 0
             result.nonfinite_steps += int(out.nonfinite)
             tokens, groups, pairs = _global_work(batches, device)
-            flops = step_flops(active_params, tokens, pairs, model_cfg.num_layers, attn_dim, passes)
-            metrics = {
-                **_means(out.sums),
-                **out.aux_losses,
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": float(out.grad_norm) if out.grad_norm is not None else float("nan"),
-                "nonfinite_steps": result.nonfinite_steps,
-                "tokens_per_s": tokens / out.seconds,
-                "groups_per_s": groups / out.seconds,
-                "tflops_per_device": flops / out.seconds / world / 1e12,
-                "step_s": out.seconds,
-            }
-            result.history.append({"step": step, **metrics})
-            console = out.nonfinite or step % cfg.run.log_interval == 0 or step == cfg.run.train_steps
-            log.log("train", step, metrics, console=console)
+            record = StepLog(
+                step=step,
+                consumed_rows=consumed_rows,
+                losses={**_means(out.sums), **out.aux_losses},
+                lr=optimizer.param_groups[0]["lr"],
+                grad_norm=out.grad_norm,
+                seconds=seconds,
+                tokens=tokens,
+                groups=groups,
+                flops=step_flops(active_params, tokens, pairs, model_cfg.num_layers, attn_dim, passes),
+                devices=world,
+                skipped=out.skipped,
+                nonfinite=out.nonfinite,
+                nonfinite_steps=result.nonfinite_steps,
+                memory=memory_metrics(device),
+            )
+            result.history.append({"step": step, **record.metrics()})
+            log.train(record)
             if out.nonfinite:
                 limit = cfg.run.max_nonfinite_steps
                 log.info(
@@ -579,23 +593,49 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
                         f"saved step: {last} in {cfg.save_dir}. Lower optimizer.lr or check the data"
                     )
                 continue
-            if cfg.run.eval_interval and step % cfg.run.eval_interval == 0 and step < cfg.run.train_steps:
-                run_eval()
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.run.train_steps:
-                result.checkpoint = save()
+            # keep_best: every evaluation is followed by a save that records it
+            held_out = run_eval() if _due(cfg.run.eval_interval, step, cfg.run.train_steps) else None
+            if _due(cfg.checkpoint.interval, step, cfg.run.train_steps) or (best and held_out is not None):
+                result.checkpoint = save(held_out)
                 saved_step = step
         # 7. the end: a SIGTERM before or during the final evaluation skips (the rest of) it
         result.steps = step
         result.preempted = watcher.should_stop(device)
+        held_out = None
         if not result.preempted:
-            run_eval()
+            held_out = run_eval()
             result.preempted = watcher.should_stop(device)
         # Before this run's first step there is nothing new to keep (and torch's Adam has no
         # state yet to save): the starting point is what a rerun starts from again.
         if step > start_step and saved_step != step:
-            result.checkpoint = save()
-        log.close()
+            result.checkpoint = save(held_out)
         return result
+
+
+def _due(interval: int, step: int, last_step: int) -> bool:
+    """Whether a periodic action (every ``interval`` steps, 0: never) falls on ``step`` inside
+    the run (the last step has its own evaluation and save)."""
+    return bool(interval) and step % interval == 0 and step < last_step
+
+
+def _best_policy(cfg: TrainConfig, metric_keys: list[str]) -> Any:
+    """``checkpoint.keep_best`` as a :class:`~megatron_prefpack.training.checkpoint.BestPolicy`
+    (None when off); ``checkpoint.best_metric`` must be one the objective evaluates."""
+    from megatron_prefpack.training.checkpoint import BestPolicy
+
+    ckpt = cfg.checkpoint
+    if not ckpt.keep_best:
+        return None
+    evaluated = [key for key in metric_keys if key != "count" and not key.startswith("count/")]
+    if ckpt.best_metric not in evaluated:
+        raise config_error(
+            cfg,
+            "checkpoint.best_metric",
+            f"{ckpt.best_metric!r} is not a held-out metric of objective {cfg.objective.type!r}; "
+            f"choose from {', '.join(evaluated)}",
+            related=["objective.type"],
+        )
+    return BestPolicy(ckpt.keep_best, ckpt.best_metric, ckpt.best_mode or "min")
 
 
 def main() -> int:
