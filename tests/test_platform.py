@@ -77,6 +77,32 @@ def test_rng_tracker_fork_uses_its_own_cpu_stream(megatron_single_process: None)
     assert not torch.equal(first, expected_default)
 
 
+def test_checkpoint_without_output_recompute_compiles_nothing(
+    megatron_single_process: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layernorm recompute's re-run reaches every view of the discarded output, with no C++
+    extension built (0.19 JIT-compiles one; a killed compile's lock hung CI)."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a C++ extension was compiled")
+
+    monkeypatch.setattr(mcore_random, "load_inline", no_compiler, raising=False)  # 0.16: none
+    x = torch.randn(3, 4, requires_grad=True)
+    checkpoint = mcore_random.CheckpointWithoutOutput()
+    hidden = checkpoint.checkpoint(torch.nn.functional.silu, x)
+    view = hidden.view(4, 3)  # a view saved for backward, as a linear layer's input would be
+    loss = (view * torch.arange(12.0).view(4, 3)).sum()
+    checkpoint.discard_output_and_register_recompute(loss)
+    assert hidden.untyped_storage().nbytes() == 0
+    loss.backward()
+    torch.testing.assert_close(view, torch.nn.functional.silu(x).view(4, 3), rtol=0, atol=0)
+    expected = torch.autograd.grad(
+        (torch.nn.functional.silu(x).view(4, 3) * torch.arange(12.0).view(4, 3)).sum(), x
+    )
+    torch.testing.assert_close(x.grad, expected[0])
+
+
 def _rng_draws() -> tuple[torch.Tensor, torch.Tensor]:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 

@@ -161,6 +161,31 @@ def _patch_checkpoint_without_output_fp8() -> None:
     cls.__init__ = init
 
 
+def _patch_recompute_share_storage() -> None:
+    """``CheckpointWithoutOutput`` hands its re-run's output over by copying, not by a compiled extension.
+
+    Breaks: from 0.19, ``CheckpointWithoutOutput._recompute`` (``layernorm``, ``mla_up_proj``,
+    ``moe_act`` recompute) calls ``random._get_share_storage()``, which JIT-compiles a C++ extension
+    with ``torch.utils.cpp_extension.load_inline`` on first use: it needs a compiler, takes minutes
+    on a small CPU, and a compile killed midway leaves a lock under ``~/.cache/torch_extensions``
+    that makes every later process wait for it forever. Safe: the extension points the discarded
+    output's storage (resized to 0 bytes in forward) at the recomputed tensor's; resizing that
+    storage back and copying the recomputed bytes into it gives every view of the output the same
+    values (what 0.16 does), at the cost of one copy and no zero-copy sharing.
+    """
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    if not hasattr(mcore_random, "_get_share_storage"):
+        return  # 0.16: copies already
+
+    def share_storage(output: torch.Tensor, recomputed: torch.Tensor) -> None:
+        storage = output.untyped_storage()
+        storage.resize_(recomputed.untyped_storage().nbytes())
+        storage.copy_(recomputed.untyped_storage())
+
+    _rebind(mcore_random, "_get_share_storage", lambda: share_storage)
+
+
 def _patch_current_device() -> None:
     """``torch.cuda.current_device()`` returns the CPU device.
 
@@ -488,6 +513,7 @@ _PATCHES: tuple[Callable[[], None], ...] = (
     _patch_rng_tracker,
     _patch_recompute_rng,
     _patch_checkpoint_without_output_fp8,
+    _patch_recompute_share_storage,
     _patch_torch_norm,
     _patch_moe_te_gemm_name,
     _patch_moe_split_sizes,
