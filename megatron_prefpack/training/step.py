@@ -26,7 +26,6 @@ parameter shards as they were, so the next forward's all-gather restores the sam
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -161,7 +160,6 @@ class StepResult:
 
     sums: dict[str, float]
     aux_losses: dict[str, float]
-    seconds: float
     grad_norm: float | None
     skipped: bool
     nonfinite: bool = False
@@ -198,7 +196,6 @@ def train_step(
     num_moe_layers: int,
 ) -> StepResult:
     """One optimizer step over this rank's micro-batches of one global batch."""
-    start = time.perf_counter()
     count = global_count(objective, batches, device)
     items = [MicroBatch(b, count) for b in batches]
     for chunk in model_chunks:
@@ -215,8 +212,7 @@ def train_step(
         if success:
             scheduler.step(increment=1)
     aux = moe_aux_losses(len(batches), num_moe_layers)
-    seconds = time.perf_counter() - start
-    return StepResult(sums, aux, seconds, grad_norm, skipped=not success, nonfinite=not finite)
+    return StepResult(sums, aux, grad_norm, skipped=not success, nonfinite=not finite)
 
 
 @torch.no_grad()
