@@ -110,9 +110,9 @@ before, after = evals[0], evals[-1]
 print()
 print("== result")
 print(f"held-out reward accuracy ({int(after['count'])} pairs never trained on):")
-print(f"  before DPO  {before['rewards/accuracy']:.1%}: the policy is the reference, so both implicit rewards "
-      f"are 0 and pairs tie (mean margin {before['rewards/margin']:+.1e}, float rounding); a tie counts as wrong")
-print(f"  after DPO   {after['rewards/accuracy']:.1%} (margin {after['rewards/margin']:+.3f})")
+print(f"  before DPO  {before['rewards/accuracies']:.1%}: the policy is the reference, so both implicit rewards "
+      f"are 0 and pairs tie (mean margin {before['rewards/margins']:+.1e}, float rounding); a tie counts as wrong")
+print(f"  after DPO   {after['rewards/accuracies']:.1%} (margin {after['rewards/margins']:+.3f})")
 print(f"held-out DPO loss {before['loss']:.4f} -> {after['loss']:.4f}; train loss (mean of the first and "
       f"last 10 steps) {sum(r['loss'] for r in train[:10]) / 10:.4f} -> {sum(r['loss'] for r in train[-10:]) / 10:.4f}")
 bench = json.loads((out / "bench.json").read_text())

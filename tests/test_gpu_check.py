@@ -119,8 +119,8 @@ def _metrics(path: Path, train_losses: list[float], evals: list[tuple[float, flo
                 "split": "eval",
                 "step": step,
                 "loss": loss,
-                "rewards/accuracy": accuracy,
-                "rewards/margin": 0.0,
+                "rewards/accuracies": accuracy,
+                "rewards/margins": 0.0,
                 "count": 10,
             }
         )

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from megatron_prefpack.data.layout import build_row, token_views
+from megatron_prefpack.data.layout import build_row
+from megatron_prefpack.losses.ranking import ranking_pairs
 from megatron_prefpack.losses.reward import (
     RewardHead,
     bradley_terry_losses,
     ranking_group_losses,
-    ranking_pairs,
-    response_end_positions,
     response_end_rewards,
+    response_end_slots,
 )
 from tests.distributed import run_distributed
 from tests.objective_checks import assert_micro_batches_sum_to_whole
@@ -37,27 +38,39 @@ def test_head_output_shape_ignores_tied_weight_and_is_seeded() -> None:
 
 
 def test_rewards_are_read_at_each_response_eos_token() -> None:
-    row = build_row(
-        [
-            (4, np.array([1, 2, 3]), [(0, np.array([5, 6, 2])), (1, np.array([7, 2]))]),
-            (8, np.array([9]), [(0, np.array([2]))]),
-        ],
-        row_length=16,
-        pad_id=0,
-    )
-    views = token_views(row)
-    slots = torch.from_numpy(np.stack([views.response_slots, views.response_slots]))
-    slots[1][slots[1] >= 0] += 3  # a second row holding responses 3..5
-    segments = [seg for g in row.groups for seg in g.segments]
-    expected_ends = [seg.end - 1 for seg in segments]
-    assert all(row.tokens[e] == 2 for e in expected_ends)  # the EOS token of each response
-    ends = response_end_positions(slots, 6)
-    assert ends.tolist() == expected_ends + [16 + e for e in expected_ends]
+    from megatron_prefpack.data.batch import collate
+    from megatron_prefpack.data.groups import TokenizedGroup
 
-    token_rewards = torch.arange(32.0).view(2, 16, 1)
-    torch.testing.assert_close(response_end_rewards(token_rewards, slots, 6), ends.float())
-    with pytest.raises(ValueError, match=r"responses \[6\] have no loss-carrying position"):
-        response_end_positions(slots, 7)
+    groups = {
+        4: TokenizedGroup(4, np.array([1, 2, 3]), [np.array([5, 6, 2]), np.array([7, 2])]),
+        8: TokenizedGroup(8, np.array([9]), [np.array([2])]),
+        6: TokenizedGroup(6, np.array([3, 4]), [np.array([8, 2]), np.array([2]), np.array([9, 9, 2])]),
+    }
+
+    def row(gids: list[int]):
+        return build_row([(g, groups[g].prompt, list(enumerate(groups[g].responses))) for g in gids], 16, 0)
+
+    rows = [row([4, 8]), row([6])]
+    batch = collate(rows, groups)
+    # By hand: response n's EOS is the last token of its segment, in collate's order.
+    expected = [(r, seg.end - 1) for r, rw in enumerate(rows) for g in rw.groups for seg in g.segments]
+    assert len(expected) == batch.num_responses == 6
+    assert all(rows[r].tokens[e] == 2 for r, e in expected)  # the EOS token of each response
+    slots = response_end_slots(batch)
+    assert [
+        (int(r), int(e)) for r, e in zip(*torch.nonzero(slots >= 0, as_tuple=True), strict=True)
+    ] == expected
+    assert slots[slots >= 0].tolist() == list(range(6))
+
+    token_rewards = torch.arange(32.0).view(2, 16, 1).requires_grad_(True)
+    rewards = response_end_rewards(token_rewards, batch)
+    torch.testing.assert_close(rewards, torch.tensor([16.0 * r + e for r, e in expected]))
+    rewards.sum().backward()
+    assert token_rewards.grad.squeeze(-1)[slots >= 0].eq(1).all() and token_rewards.grad.sum() == 6
+    cut = dataclasses.replace(batch, segment_ids=batch.segment_ids.clone())
+    cut.segment_ids[1, 6:] = -1  # group 6's last segment lost its tokens
+    with pytest.raises(ValueError, match=r"responses \[5\] do not have exactly one EOS"):
+        response_end_rewards(token_rewards.detach(), cut)
 
 
 def test_bradley_terry_with_margin() -> None:
@@ -82,13 +95,14 @@ def test_ranking_group_losses_average_pairs_per_group_instructgpt_style() -> Non
     scores = torch.tensor([0.2, 0.9, 0.5, 1.0, 0.0, 1.0, 1.0])
     rewards = torch.tensor([0.0, 1.0, 3.0, 2.0, 0.5, 9.0, -9.0])
     margins = torch.tensor([math.nan] * 3 + [0.25] * 2 + [math.nan] * 2)
-    losses, winners, losers, pair_groups = ranking_group_losses(rewards, group_ids, scores, margins=margins)
+    losses, pairs = ranking_group_losses(rewards, group_ids, scores, margins=margins)
     # Groups in ascending id: 3 (one pair, margin 0.25), 7 (three pairs, no margin); 5 only ties.
     expected_3 = softplus(-(2.0 - 0.5 - 0.25))
     expected_7 = (softplus(-(1.0 - 0.0)) + softplus(-(1.0 - 3.0)) + softplus(-(3.0 - 0.0))) / 3
     torch.testing.assert_close(losses, torch.tensor([expected_3, expected_7]))
-    assert pair_groups.tolist() == [1, 1, 1, 0]
-    assert winners.tolist() == [1, 1, 2, 3] and losers.tolist() == [0, 2, 0, 4]
+    assert pairs.pair_groups.tolist() == [1, 1, 1, 0] and pairs.group_ids.tolist() == [3, 7]
+    assert pairs.winners.tolist() == [1, 1, 2, 3] and pairs.losers.tolist() == [0, 2, 0, 4]
+    assert pairs.response_groups(group_ids).tolist() == [1, 1, 1, 0, 0, -1, -1]
 
 
 def test_centering_adds_trl_pair_sum_square() -> None:
@@ -226,4 +240,71 @@ def test_reward_objective_micro_batches_sum_to_the_global_mean_over_ranked_group
     assert whole.loss.item() == pytest.approx((group_4 + group_7 + group_2) / 3, rel=1e-5)
     accuracy_7 = sum(reward[(7, w)] > reward[(7, lo)] for w, lo in ((1, 0), (1, 2), (2, 0))) / 3
     expected_accuracy = (reward[(4, 0)] > reward[(4, 1)]) + accuracy_7 + (reward[(2, 1)] > reward[(2, 0)])
-    assert whole.metrics["rewards/accuracy"].item() == pytest.approx(expected_accuracy)
+    assert whole.metrics["rewards/accuracies"].item() == pytest.approx(expected_accuracy)
+
+
+# --- context parallelism: a response's EOS token may sit on either CP rank -------------------
+
+
+def _rm_cp_worker(cp: int, state: dict | None, rows: list, groups: dict) -> dict:
+    """A tiny dense reward model (``state``: its weights) on CP ``cp``: rewards, loss, metrics
+    and the gradients of the head and of a layer, summed over the CP ranks (each rank holds
+    its tokens' share; the trainer's gradient reduction adds them)."""
+    from megatron.core import parallel_state
+
+    from megatron_prefpack.data.batch import collate
+    from megatron_prefpack.losses.objectives import RewardObjective
+    from megatron_prefpack.losses.reward import attach_reward_head
+    from megatron_prefpack.models.forward import cp_local, model_forward
+    from megatron_prefpack.platform.distributed import initialize
+    from tests.test_model_equivalence import build
+
+    initialize(context_parallel=cp)
+    _, model = build("tiny-dense")
+    attach_reward_head(model, seed=1)
+    if state is not None:
+        model.load_state_dict(state)
+    batch = collate(rows, groups)
+    group = parallel_state.get_context_parallel_group() if cp > 1 else None
+    objective = RewardObjective(center_coefficient=0.05, cp_group=group)
+    output = model_forward(model, batch, backend="reference")
+    local = cp_local(batch)
+    out = objective(local, output, objective.count(batch))
+    out.loss.backward()
+    layer = model.decoder.layers[0].self_attention.linear_qkv.weight
+    grads = torch.stack([model.output_layer.weight.grad.flatten().sum(), layer.grad.sum()])
+    full = [model.output_layer.weight.grad, layer.grad]
+    if group is not None:
+        for grad in full:
+            torch.distributed.all_reduce(grad, group=group)
+    return {
+        "rewards": response_end_rewards(output.detach(), local, group),
+        "loss": out.loss.detach(),
+        "metrics": out.metrics,
+        "head_grad": full[0],
+        "layer_grad": full[1],
+        "local_grad_sums": grads,
+        "state": {k: v for k, v in model.state_dict().items() if "_extra_state" not in k},
+    }
+
+
+@pytest.mark.slow
+def test_reward_model_under_context_parallel_equals_one_process() -> None:
+    from megatron_prefpack.attention.context_parallel import cp_positions
+
+    groups, rows = _rm_batch_rows()
+    (single,) = run_distributed(_rm_cp_worker, 1, 1, None, rows, groups)
+    ends = [(r, seg.end - 1) for r, row in enumerate(rows) for g in row.groups for seg in g.segments]
+    held_by = [int(e in cp_positions(20, 2, 1).tolist()) for _, e in ends]
+    assert 0 < sum(held_by) < len(held_by)  # EOS tokens on both CP ranks
+    ranks = run_distributed(_rm_cp_worker, 2, 2, single["state"], rows, groups)
+    for rank in ranks:
+        torch.testing.assert_close(rank["rewards"], single["rewards"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rank["loss"], single["loss"], rtol=1e-5, atol=1e-6)
+        for key, value in single["metrics"].items():
+            torch.testing.assert_close(rank["metrics"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(rank["head_grad"], single["head_grad"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(rank["layer_grad"], single["layer_grad"], rtol=1e-4, atol=1e-6)
+    # Both ranks contribute to the gradient (neither holds all of it).
+    assert all(r["local_grad_sums"].abs().min() > 0 for r in ranks)
+    assert not torch.allclose(ranks[0]["local_grad_sums"], single["local_grad_sums"], rtol=1e-3)

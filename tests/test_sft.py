@@ -111,3 +111,82 @@ def test_sft_first_only_trains_on_response_zero() -> None:
     assert objective(batch, logits.clone(), total).loss.item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="reduction"):
         SFTObjective("sequence")
+
+
+# --- mode weights (Think-Fusion: response 0 thinking, response 1 plain) ------------------
+
+
+@pytest.mark.parametrize("reduction", ["token", "response"])
+def test_response_weights_scale_each_index_and_log_per_mode_means(reduction: str) -> None:
+    from megatron_prefpack.training.train import _means
+
+    groups = _mode_overlap_groups()
+    rows = _rows(groups, [[2, 6], [9]])
+    logits = torch.randn(2, ROW, VOCAB, generator=torch.Generator().manual_seed(3))
+    naive = _naive_nll(logits, rows, groups)
+    objective = SFTObjective(reduction, response_weights=(1.0, 0.25))
+    assert objective.metric_keys == (
+        "loss",
+        "loss/response_0",
+        "count/loss/response_0",
+        "loss/response_1",
+        "count/loss/response_1",
+    )
+    batch = collate(rows, groups)
+    total = objective.count(batch)
+    assert total == SFTObjective(reduction).count(batch)  # the count stays unweighted
+
+    def term(nll: float, n: int) -> float:
+        return nll if reduction == "token" else nll / n
+
+    units = {
+        k: sum(n if reduction == "token" else 1 for (_, kk), (_, n) in naive.items() if kk == k)
+        for k in (0, 1)
+    }
+    per_mode = {k: sum(term(nll, n) for (_, kk), (nll, n) in naive.items() if kk == k) for k in (0, 1)}
+    whole, _ = assert_micro_batches_sum_to_whole(
+        lambda ids, leaf: objective(collate([rows[i] for i in ids], groups), leaf[ids], total),
+        logits,
+        num_rows=2,
+        splits=[[0], [1]],
+    )
+    expected = (per_mode[0] + 0.25 * per_mode[1]) / total
+    assert whole.loss.item() == pytest.approx(expected, rel=1e-5)
+    sums = {"count": float(whole.count), **{k: float(v) for k, v in whole.metrics.items()}}
+    means = _means(sums)
+    assert set(means) == {"loss", "loss/response_0", "loss/response_1"}
+    assert means["loss"] == pytest.approx(expected, rel=1e-5)
+    for k in (0, 1):
+        assert sums[f"count/loss/response_{k}"] == units[k]
+        assert means[f"loss/response_{k}"] == pytest.approx(per_mode[k] / units[k], rel=1e-5)
+    # All-ones weights are no weights.
+    ones = SFTObjective(reduction, response_weights=(1.0, 1.0))(batch, logits.clone(), total)
+    plain = SFTObjective(reduction)(batch, logits.clone(), total)
+    torch.testing.assert_close(ones.loss, plain.loss)
+
+
+def test_response_weights_refusals_name_the_key() -> None:
+    from megatron_prefpack.training.config import ConfigError, read_config
+
+    groups = _mode_overlap_groups()
+    batch = collate(_rows(groups, [[2, 6], [9]]), groups)
+    with pytest.raises(
+        ValueError, match=r"objective\.sft\.response_weights has 1 weights, but groups \[2, 6, 9\]"
+    ):
+        SFTObjective(response_weights=(1.0,)).count(batch)
+    with pytest.raises(ValueError, match=r"objective\.sft\.response_weights needs every response"):
+        SFTObjective(first_only=True, response_weights=(1.0,))
+    with pytest.raises(ValueError, match=r"objective\.sft\.response_weights must be finite"):
+        SFTObjective(response_weights=(1.0, -0.5))
+    base = ["model.preset=tiny-dense", "objective.type=sft"]
+    for value, message in (
+        ("[1, -1]", "objective.sft.response_weights: must be a non-empty list of finite numbers >= 0"),
+        ("[]", "objective.sft.response_weights: must be a non-empty list"),
+        ("[1, .nan]", "objective.sft.response_weights: must be a non-empty list"),
+    ):
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
+            read_config(None, [*base, f"objective.sft.response_weights={value}"])
+    with pytest.raises(ConfigError, match=r"objective\.sft\.response_weights: .*responses 'first'"):
+        read_config(None, [*base, "objective.sft.response_weights=[1]", "objective.sft.responses=first"])
+    cfg = read_config(None, [*base, "objective.sft.response_weights=[1, 0.5]"])
+    assert cfg.objective.sft.response_weights == [1, 0.5]

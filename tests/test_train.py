@@ -1,6 +1,7 @@
 """``prefpack train`` end to end on a tiny synthetic dataset (CPU, gloo).
 
-- every parallel layout follows the single-process loss trajectory (DPO; a reward model at TP2);
+- every parallel layout follows the single-process loss trajectory (DPO; a reward model at TP2
+  and CP2);
 - a reward model starts from a language-model checkpoint and its own checkpoints keep the head;
 - resuming from a checkpoint reproduces the uninterrupted run exactly;
 - SIGTERM finishes the step, saves a loadable checkpoint and exits 0;
@@ -152,23 +153,23 @@ def test_parallel_layouts_follow_single_process(
 RM = ["objective.type=rm", "reference.mode=none"]
 
 
-def test_reward_model_under_tensor_parallel_follows_single_process(dataset, initial_weights, tmp_path):
+@pytest.fixture(scope="module")
+def rm_single_process_run(dataset, initial_weights, tmp_path_factory) -> dict:
+    return train_ranks(1, overrides(dataset, tmp_path_factory.mktemp("rm-single"), *initial_weights, *RM))
+
+
+@pytest.mark.parametrize("layout", ["tp2_sp", "cp2"])
+def test_reward_model_under_model_parallel_follows_single_process(
+    layout, dataset, initial_weights, rm_single_process_run, tmp_path
+):
     """A reward model started from a language-model checkpoint (fresh head, same on every
-    rank) trains the same at TP2 + SP as on one process."""
-    single = train_ranks(1, overrides(dataset, tmp_path / "one", *initial_weights, *RM))
-    tp2 = train_ranks(
-        2,
-        overrides(
-            dataset,
-            tmp_path / "tp2",
-            *initial_weights,
-            *RM,
-            "parallel.tensor=2",
-            "parallel.sequence_parallel=true",
-        ),
-    )
-    np.testing.assert_allclose(tp2["loss"], single["loss"], rtol=2e-4, atol=1e-5)
-    np.testing.assert_allclose(tp2["grad_norm"], single["grad_norm"], rtol=2e-3)
+    rank) trains the same at TP2 + SP and at CP2 (each response's reward read on the CP rank
+    that holds its EOS token) as on one process."""
+    single = rm_single_process_run
+    world, extra = LAYOUTS[layout]
+    got = train_ranks(world, overrides(dataset, tmp_path, *initial_weights, *RM, *extra))
+    np.testing.assert_allclose(got["loss"], single["loss"], rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(got["grad_norm"], single["grad_norm"], rtol=2e-3)
     assert single["loss"][-1] < single["loss"][0]
 
 

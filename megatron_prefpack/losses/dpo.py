@@ -22,8 +22,28 @@ count first when length-normalised: ``length_normalize``, by default on for ``ip
 ``rpo_alpha`` adds RPO's (Pang et al. 2024) length-normalised NLL of the chosen response,
 ``rpo_alpha * (-pi_c / |y_c|)``, to each pair's loss.
 
-Rewards reported per pair are ``beta * (pi - ref)`` of the quantities the loss used (SimPO:
-``beta * avg``), detached: the trainer logs their means, accuracy (chosen > rejected) and margin.
+Groups of K > 2 responses (``ranking``, the order from the group's scores, higher = better;
+pairs have scores ``[1, 0]``):
+
+* ``pair`` (default): response 0 (chosen) against response 1 (rejected); further responses
+  are not used; the unit is a pair;
+* ``all_pairs``: every ordered pair ``(w, l)`` of a group with ``score_w > score_l`` (ties give
+  no pair) gets the configured loss; a group's loss is the mean over its pairs, plus
+  ``rpo_alpha`` times the NLL of the group's best response (the mean over the responses tied at
+  the top score) once per group, not per pair; the unit is a group with at least one pair;
+* ``plackett_luce`` (Rafailov et al. 2023, the Plackett-Luce form of DPO): with the group's
+  responses ordered by descending score ``tau(1) .. tau(K)`` and ``u = beta * r`` (``r`` the
+  log-ratio above, length-normalised when configured), a group's loss is
+  ``-sum_{k=1}^{K} log(exp(u_tau(k)) / sum_{j>=k} exp(u_tau(j)))`` (+ the best response's RPO
+  NLL). Only for ``loss_type: sigmoid`` without label smoothing (for K = 2 it is that loss
+  exactly). It needs a strict order: a group with tied scores is refused, naming the group
+  (``all_pairs`` skips ties instead); a group of one response has no order and is not a unit.
+
+K = 2 with scores ``[1, 0]`` gives the ``pair`` losses exactly in both forms.
+
+Rewards reported per response are ``beta * (pi - ref)`` of the quantities the loss used
+(SimPO: ``beta * avg``), detached: the trainer logs their means, accuracy (chosen > rejected)
+and margin (``objectives``).
 
 Against TRL's ``DPOTrainer`` (read at commit f2cd577, 2026-07; log-prob sums over completion
 tokens, EOS included, as here): ``sigmoid`` (eps = 0), ``hinge``, ``robust`` and ``ipo`` are its
@@ -41,7 +61,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megatron_prefpack.losses.ranking import RankedPairs, ranked_pairs
+
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
+RANKINGS = ("pair", "all_pairs", "plackett_luce")
 
 
 @dataclass(frozen=True)
@@ -55,10 +78,13 @@ class DPOConfig:
     simpo_gamma: float = 0.5
     """SimPO's target reward margin gamma (absolute, not gamma / beta)."""
     rpo_alpha: float | None = None
-    """Weight of the chosen response's per-token NLL (RPO); ``None`` disables it."""
+    """Weight of the chosen (best) response's per-token NLL (RPO); ``None`` disables it."""
     length_normalize: bool | None = None
     """Use per-token average log-probs instead of sums; ``None``: the loss type's convention
     (on for ``ipo``, as TRL; off for the others). ``simpo`` always averages."""
+    ranking: str = "pair"
+    """Which responses of a group are compared: ``pair`` (0 against 1), ``all_pairs`` or
+    ``plackett_luce`` (see the module docstring)."""
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -71,6 +97,16 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.label_smoothing has no meaning for loss_type {self.loss_type!r}")
         if self.rpo_alpha is not None and self.rpo_alpha < 0:
             raise ValueError(f"DPOConfig.rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        if self.ranking not in RANKINGS:
+            raise ValueError(
+                f"DPOConfig.ranking (objective.dpo.ranking) must be one of {RANKINGS}, got {self.ranking!r}"
+            )
+        if self.ranking == "plackett_luce" and (self.loss_type != "sigmoid" or self.label_smoothing):
+            raise ValueError(
+                "DPOConfig.ranking (objective.dpo.ranking) 'plackett_luce' is the listwise form of "
+                f"the sigmoid loss without label smoothing; got loss_type {self.loss_type!r}, "
+                f"label_smoothing {self.label_smoothing} (use ranking 'all_pairs' for the other losses)"
+            )
 
     @property
     def normalizes_length(self) -> bool:
@@ -81,6 +117,41 @@ class DPOConfig:
     def needs_reference(self) -> bool:
         """Whether the loss reads reference log-probs (every type but SimPO)."""
         return self.loss_type != "simpo"
+
+
+def log_ratios(
+    config: DPOConfig, policy: torch.Tensor, reference: torch.Tensor | None, num_tokens: torch.Tensor
+) -> torch.Tensor:
+    """What the losses compare, per response ``(N,)``: ``policy - reference`` log-prob sums,
+    divided by ``num_tokens`` when length-normalised; SimPO: ``policy / num_tokens``. Times
+    ``beta`` it is the implicit reward. ``reference`` may be ``None`` only for SimPO."""
+    num_tokens = num_tokens.to(policy.dtype)
+    if config.loss_type == "simpo":
+        return policy / num_tokens
+    if reference is None:
+        raise ValueError(f"loss_type {config.loss_type!r} needs reference log-probs")
+    ratio = policy - reference
+    return ratio / num_tokens if config.normalizes_length else ratio
+
+
+def pair_losses(config: DPOConfig, z: torch.Tensor) -> torch.Tensor:
+    """The configured loss of each pair from ``z`` = chosen minus rejected :func:`log_ratios`."""
+    eps, beta = config.label_smoothing, config.beta
+    if config.loss_type == "simpo":
+        logits = beta * z - config.simpo_gamma
+        return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+    if config.loss_type == "sigmoid":
+        return -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
+    if config.loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(beta * z) + eps * F.logsigmoid(-beta * z)) / (1 - 2 * eps)
+    if config.loss_type == "hinge":
+        return torch.relu(1 - beta * z)
+    return (z - 1 / (2 * beta)) ** 2  # ipo
+
+
+def rpo_nll(policy: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """RPO's term before ``rpo_alpha``: each response's per-token NLL ``-policy / num_tokens``."""
+    return -policy / num_tokens.to(policy.dtype)
 
 
 @dataclass
@@ -106,36 +177,93 @@ def dpo_losses(
     Inputs are ``(P,)``: log-prob sums (float) and response token counts (int, > 0). The
     reference sums may be ``None`` only when ``config.needs_reference`` is False.
     """
-    chosen_num_tokens = chosen_num_tokens.to(policy_chosen.dtype)
-    rejected_num_tokens = rejected_num_tokens.to(policy_chosen.dtype)
-    eps = config.label_smoothing
-    beta = config.beta
-
-    if config.loss_type == "simpo":
-        chosen_rewards = beta * policy_chosen / chosen_num_tokens
-        rejected_rewards = beta * policy_rejected / rejected_num_tokens
-        logits = chosen_rewards - rejected_rewards - config.simpo_gamma
-        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
-    else:
-        if reference_chosen is None or reference_rejected is None:
-            raise ValueError(f"loss_type {config.loss_type!r} needs reference log-probs")
-        chosen_ratio = policy_chosen - reference_chosen
-        rejected_ratio = policy_rejected - reference_rejected
-        if config.normalizes_length:
-            chosen_ratio = chosen_ratio / chosen_num_tokens
-            rejected_ratio = rejected_ratio / rejected_num_tokens
-        chosen_rewards = beta * chosen_ratio
-        rejected_rewards = beta * rejected_ratio
-        z = chosen_ratio - rejected_ratio
-        if config.loss_type == "sigmoid":
-            losses = -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
-        elif config.loss_type == "robust":
-            losses = (-(1 - eps) * F.logsigmoid(beta * z) + eps * F.logsigmoid(-beta * z)) / (1 - 2 * eps)
-        elif config.loss_type == "hinge":
-            losses = torch.relu(1 - beta * z)
-        else:  # ipo
-            losses = (z - 1 / (2 * beta)) ** 2
-
+    chosen = log_ratios(config, policy_chosen, reference_chosen, chosen_num_tokens)
+    rejected = log_ratios(config, policy_rejected, reference_rejected, rejected_num_tokens)
+    losses = pair_losses(config, chosen - rejected)
     if config.rpo_alpha is not None:
-        losses = losses - config.rpo_alpha * policy_chosen / chosen_num_tokens
-    return DPOOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
+        losses = losses + config.rpo_alpha * rpo_nll(policy_chosen, chosen_num_tokens)
+    return DPOOutput(losses, config.beta * chosen.detach(), config.beta * rejected.detach())
+
+
+def plackett_luce_losses(
+    rewards: torch.Tensor, group_ids: torch.Tensor, scores: torch.Tensor, pairs: RankedPairs
+) -> torch.Tensor:
+    """Each ranked group's Plackett-Luce loss ``(G,)`` (the groups of ``pairs``) from the
+    responses' implicit rewards ``(N,)`` (``beta`` times :func:`log_ratios`), ordered by their
+    ``scores`` ``(N,)`` within each group (``group_ids`` ``(N,)``). Raises on tied scores."""
+    same = group_ids[:, None] == group_ids[None, :]
+    ties = same & (scores[:, None] == scores[None, :])
+    ties.fill_diagonal_(False)
+    if bool(ties.any()):
+        tied = sorted(set(group_ids[ties.any(dim=1)].tolist()))
+        raise ValueError(
+            f"objective.dpo.ranking 'plackett_luce' needs a strict order of each group's scores, "
+            f"but groups {tied} have tied responses (ranking 'all_pairs' skips ties)"
+        )
+    index = pairs.response_groups(group_ids)
+    members = torch.nonzero(index >= 0).flatten()
+    # Members in group order, best first within each group; rank = place within the group.
+    members = members[torch.argsort(scores[members], descending=True, stable=True)]
+    members = members[torch.argsort(index[members], stable=True)]
+    groups = index[members]
+    sizes = torch.bincount(groups, minlength=pairs.num_groups)
+    rank = torch.arange(members.numel(), device=members.device) - (sizes.cumsum(0) - sizes)[groups]
+    width = int(sizes.max()) if sizes.numel() else 0
+    low = torch.finfo(rewards.dtype).min / 4  # a finite -inf: no NaN in logsumexp's backward
+    table = torch.full((pairs.num_groups, width), low, dtype=rewards.dtype, device=rewards.device)
+    table = table.index_put((groups, rank), rewards[members])
+    valid = torch.zeros_like(table, dtype=torch.bool)
+    valid[groups, rank] = True
+    later = torch.ones(width, width, dtype=torch.bool, device=table.device).triu()  # [k, j]: j >= k
+    rest = torch.where(later & valid[:, None, :], table[:, None, :], low)
+    terms = torch.logsumexp(rest, dim=-1) - table  # -log(exp(u_k) / sum_{j>=k} exp(u_j))
+    return torch.where(valid, terms, 0.0).sum(dim=1)
+
+
+@dataclass
+class RankingOutput:
+    """Per-group results of :func:`ranking_dpo_losses`: ``losses`` ``(G,)`` carries the graph
+    (the ranked groups of ``pairs``); ``rewards`` ``(N,)`` are every response's implicit
+    reward, detached; ``best_nll`` ``(G,)``, detached, is each group's RPO term (``None``
+    without ``rpo_alpha``)."""
+
+    losses: torch.Tensor
+    rewards: torch.Tensor
+    pairs: RankedPairs
+    best_nll: torch.Tensor | None
+
+
+def ranking_dpo_losses(
+    config: DPOConfig,
+    policy: torch.Tensor,
+    reference: torch.Tensor | None,
+    num_tokens: torch.Tensor,
+    group_ids: torch.Tensor,
+    scores: torch.Tensor,
+) -> RankingOutput:
+    """Group losses of ``config.ranking`` ``all_pairs`` or ``plackett_luce`` over a batch's
+    responses: ``policy``/``reference`` log-prob sums, ``num_tokens``, ``group_ids`` and
+    ``scores`` (higher = better), all ``(N,)``; every response of a group must be present."""
+    if config.ranking not in ("all_pairs", "plackett_luce"):
+        raise ValueError(
+            f"ranking_dpo_losses needs ranking 'all_pairs' or 'plackett_luce', got {config.ranking!r}"
+        )
+    pairs = ranked_pairs(group_ids, scores)
+    ratios = log_ratios(config, policy, reference, num_tokens)
+    if config.ranking == "all_pairs":
+        losses = pairs.group_means(pair_losses(config, ratios[pairs.winners] - ratios[pairs.losers]))
+    else:
+        losses = plackett_luce_losses(config.beta * ratios, group_ids, scores, pairs)
+    best_nll = None
+    if config.rpo_alpha is not None:
+        index = pairs.response_groups(group_ids)
+        ranked = index >= 0
+        top = torch.full((pairs.num_groups,), -torch.inf, dtype=scores.dtype, device=scores.device)
+        top = top.scatter_reduce(0, index[ranked], scores[ranked], reduce="amax")
+        best = torch.nonzero(ranked).flatten()
+        best = best[scores[best] == top[index[best]]]
+        nll = torch.zeros_like(losses).index_add(0, index[best], rpo_nll(policy[best], num_tokens[best]))
+        nll = nll / torch.bincount(index[best], minlength=pairs.num_groups).to(nll.dtype)
+        losses = losses + config.rpo_alpha * nll
+        best_nll = nll.detach()
+    return RankingOutput(losses, config.beta * ratios.detach(), pairs, best_nll)

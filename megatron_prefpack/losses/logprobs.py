@@ -75,6 +75,35 @@ def response_logprob_sums(
     return sums.index_add(0, slots[selected], token_logps.reshape(-1)[selected].float())
 
 
+def response_logit_sums(
+    logits: torch.Tensor, response_slots: torch.Tensor, num_responses: int
+) -> torch.Tensor:
+    """Sum of the logits over the whole vocabulary and each response's positions: ``(N,)``
+    float32, detached (a metric: TRL's ``logits/chosen`` is this over tokens x vocabulary).
+
+    ``logits``: ``(..., V_local)`` as in :func:`token_logprobs` (read, not consumed: call this
+    first); when Megatron's model-parallel state is initialised the vocabulary shards' sums are
+    added over the TP group (collective). Under CP the result is partial like
+    :func:`response_logprob_sums`'s. The full vocabulary size is :func:`vocab_size`.
+    """
+    with torch.no_grad():
+        sums = response_logprob_sums(logits.sum(dim=-1, dtype=torch.float32), response_slots, num_responses)
+        if vocab_size(logits) != logits.shape[-1]:
+            torch.distributed.all_reduce(sums, group=parallel_state.get_tensor_model_parallel_group())
+        return sums
+
+
+def vocab_size(logits: torch.Tensor) -> int:
+    """The full vocabulary of vocab-parallel ``logits`` ``(..., V_local)``: ``V_local`` times the
+    TP size (Megatron's padded vocabulary, every output the model computes)."""
+    tp = (
+        parallel_state.get_tensor_model_parallel_world_size()
+        if parallel_state.model_parallel_is_initialized()
+        else 1
+    )
+    return logits.shape[-1] * tp
+
+
 def response_token_counts(response_slots: torch.Tensor, num_responses: int) -> torch.Tensor:
     """Loss-carrying positions per response visible in ``response_slots``: ``(N,)`` int64."""
     slots = response_slots.reshape(-1)

@@ -3,7 +3,8 @@
 :class:`RewardHead` replaces the vocabulary projection, so GPTModel's "logits" become one
 reward per token, ``(B, S, 1)`` after GPTModel's transpose, identical on every TP rank. A
 response's reward is read at the last token of its segment (its EOS token, the position after
-its last loss-carrying position), see :func:`response_end_rewards`.
+its last loss-carrying position), see :func:`response_end_rewards`; under context parallelism
+each rank reads the ends it holds and the CP group adds them up.
 
 Losses (per group, before the caller's reduction over groups): every ordered pair ``(i, j)`` of
 responses of a group with ``score_i > score_j`` contributes
@@ -21,7 +22,10 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-from megatron_prefpack.data.layout import NO_RESPONSE
+from megatron_prefpack.data.batch import RowBatch
+from megatron_prefpack.data.layout import NO_RESPONSE, PREFIX_SEGMENT
+from megatron_prefpack.losses.logprobs import allreduce_response_sums
+from megatron_prefpack.losses.ranking import RankedPairs, ranked_pairs
 
 
 class RewardHead(torch.nn.Module):
@@ -108,54 +112,63 @@ def attach_reward_head(model: torch.nn.Module, *, init_std: float | None = None,
     )
 
 
-def response_end_positions(response_slots: torch.Tensor, num_responses: int) -> torch.Tensor:
-    """Flat index into ``response_slots.reshape(-1)`` of each response's last segment token, ``(N,)``.
+def response_end_slots(batch: RowBatch) -> torch.Tensor:
+    """Each response's EOS token as a per-token view: ``(B, L)`` int64 holding response ``n`` at
+    the last token of its segment, ``NO_RESPONSE`` elsewhere (the per-token fields of ``batch``
+    may be a context-parallel rank's share, :func:`~megatron_prefpack.models.forward.cp_local`).
 
-    That token (the response's EOS) sits right after the response's last loss-carrying
-    position, in the same row. Raises if a response has no position in ``response_slots``.
+    A segment's last token is the only segment token that carries no loss, so it is found
+    without looking at its neighbours (which may sit on another CP rank); ``batch.placements``
+    (never sharded) numbers the segments as ``collate`` numbered the responses: row, then
+    placement, then segment.
     """
-    slots = response_slots.reshape(-1)
-    selected = slots != NO_RESPONSE
-    positions = torch.arange(slots.numel(), device=slots.device)
-    last = torch.full((num_responses,), -1, dtype=torch.long, device=slots.device)
-    last = last.scatter_reduce(0, slots[selected], positions[selected], reduce="amax")
-    if bool((last < 0).any()):
-        missing = torch.nonzero(last < 0).flatten().tolist()
-        raise ValueError(f"responses {missing} have no loss-carrying position in response_slots")
-    return last + 1
+    firsts = torch.full(
+        (len(batch.placements), max((len(row) for row in batch.placements), default=0)), -1, dtype=torch.long
+    )
+    n = 0
+    for b, row in enumerate(batch.placements):
+        for doc, placement in enumerate(row):
+            firsts[b, doc] = n
+            n += len(placement.segments)
+    ends = (batch.segment_ids > PREFIX_SEGMENT) & (batch.response_slots == NO_RESPONSE)
+    rows = torch.arange(ends.shape[0], device=ends.device)[:, None].expand_as(ends)
+    slots = torch.full_like(batch.response_slots, NO_RESPONSE)
+    first = firsts.to(ends.device)[rows[ends], batch.doc_ids[ends]]
+    slots[ends] = first + batch.segment_ids[ends] - 1
+    return slots
 
 
 def response_end_rewards(
-    token_rewards: torch.Tensor, response_slots: torch.Tensor, num_responses: int
+    token_rewards: torch.Tensor, batch: RowBatch, cp_group: torch.distributed.ProcessGroup | None = None
 ) -> torch.Tensor:
     """Each response's reward, read at its EOS token: ``(N,)`` float32, differentiable.
 
-    ``token_rewards``: ``(B, L)`` or ``(B, L, 1)`` (GPTModel's output with a :class:`RewardHead`);
-    ``response_slots``: ``(B, L)``.
+    ``token_rewards``: ``(B, L)`` or ``(B, L, 1)`` (GPTModel's output with a :class:`RewardHead`),
+    aligned with ``batch``'s per-token fields. Under context parallelism pass the CP rank's
+    share (``cp_local(batch)``) and the CP group: each rank reads the ends it holds, zero
+    elsewhere, and the sum over the group (identity backward,
+    :func:`~megatron_prefpack.losses.logprobs.allreduce_response_sums`) is every response's
+    reward on every rank, its gradient flowing back to the one rank that holds the token.
+    Raises unless every response has exactly one EOS token among the ranks.
     """
-    if token_rewards.dim() == response_slots.dim() + 1:
+    if token_rewards.dim() == batch.response_slots.dim() + 1:
         token_rewards = token_rewards.squeeze(-1)
-    if token_rewards.shape != response_slots.shape:
+    if token_rewards.shape != batch.response_slots.shape:
         raise ValueError(
-            f"token_rewards {tuple(token_rewards.shape)} do not match response_slots {tuple(response_slots.shape)}"
+            f"token_rewards {tuple(token_rewards.shape)} do not match the batch's "
+            f"{tuple(batch.response_slots.shape)} tokens"
         )
-    ends = response_end_positions(response_slots, num_responses)
-    return token_rewards.reshape(-1)[ends].float()
-
-
-def ranking_pairs(group_ids: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ordered pairs ``(winner, loser)`` of responses of one group with a higher score, ``(P,)`` each.
-
-    ``group_ids`` (N,) int and ``scores`` (N,) float index the same responses. Ties give no
-    pair. A NaN score raises: reward-model training needs a ranking for every response.
-    """
-    if bool(torch.isnan(scores).any()):
-        groups = sorted(set(group_ids[torch.isnan(scores)].tolist()))
-        raise ValueError(f"groups {groups} have responses without a score; reward models need scores")
-    same_group = group_ids[:, None] == group_ids[None, :]
-    better = scores[:, None] > scores[None, :]
-    winners, losers = torch.nonzero(same_group & better, as_tuple=True)
-    return winners, losers
+    num = batch.num_responses
+    slots = response_end_slots(batch)
+    ends = slots != NO_RESPONSE
+    rewards = torch.zeros(num, dtype=torch.float32, device=token_rewards.device)
+    rewards = rewards.index_add(0, slots[ends], token_rewards[ends].float())
+    found = torch.bincount(slots[ends], minlength=num).to(rewards)
+    both = allreduce_response_sums(torch.cat([rewards, found]), cp_group)
+    if bool((both[num:] != 1).any()):
+        missing = torch.nonzero(both[num:] != 1).flatten().tolist()
+        raise ValueError(f"responses {missing} do not have exactly one EOS token in the batch")
+    return both[:num]
 
 
 def bradley_terry_losses(
@@ -175,25 +188,20 @@ def ranking_group_losses(
     *,
     margins: torch.Tensor | None = None,
     center_coefficient: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, RankedPairs]:
     """Per-group ranking losses from per-response rewards.
 
     ``rewards``, ``group_ids``, ``scores`` and the optional ``margins`` (the group's margin
-    repeated on each of its responses; NaN = none) are ``(N,)``. Returns
-    ``(group_losses (G,), pair_winners (P,), pair_losers (P,), pair_groups (P,))``, where the G
-    groups are those with at least one ordered pair, in ascending group id, and
-    ``pair_groups`` indexes into them; groups whose responses all tie are left out.
+    repeated on each of its responses; NaN = none) are ``(N,)``. Returns ``group_losses``
+    ``(G,)`` over the ranked groups of ``pairs`` (those with at least one ordered pair, in
+    ascending group id; groups whose responses all tie are left out) and ``pairs``.
     """
-    winners, losers = ranking_pairs(group_ids, scores)
+    pairs = ranked_pairs(group_ids, scores)
+    winners, losers = pairs.winners, pairs.losers
     margin = None
     if margins is not None:
         margin = torch.nan_to_num(margins[winners].to(rewards.dtype), nan=0.0)
     pair_losses = bradley_terry_losses(rewards[winners], rewards[losers], margin)
     if center_coefficient:
         pair_losses = pair_losses + center_coefficient * (rewards[winners] + rewards[losers]) ** 2
-    _, pair_groups = torch.unique(group_ids[winners], return_inverse=True)
-    num_groups = int(pair_groups.max()) + 1 if pair_groups.numel() else 0
-    sums = torch.zeros(num_groups, dtype=pair_losses.dtype, device=pair_losses.device)
-    sums = sums.index_add(0, pair_groups, pair_losses)
-    counts = torch.bincount(pair_groups, minlength=num_groups).to(pair_losses.dtype)
-    return sums / counts, winners, losers, pair_groups
+    return pairs.group_means(pair_losses), pairs

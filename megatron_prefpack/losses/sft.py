@@ -10,6 +10,14 @@ Two reductions over the global batch:
   long responses weigh in proportion to their length (ordinary SFT);
 * ``"response"``: mean over responses of each response's per-token NLL, so every response
   counts the same whatever its length.
+
+Mode weights (``objective.sft.response_weights = [w_0, w_1, ...]``, e.g. ``[1.0, 0.5]`` for
+thinking answer 0 and plain answer 1): response ``k``'s numerator term is multiplied by
+``w_k`` and the denominator stays the unweighted count, so the loss is
+``sum_n w_k(n) * l_n / C`` with ``l_n`` the term above and ``C`` the global batch's response
+tokens (``token``) or responses (``response``); weights are not renormalised (all 1 = no
+weights). The trainer then logs ``loss/response_k`` = ``sum_{n: k(n) = k} l_n / C_k``, the
+unweighted loss of index ``k`` over its own tokens or responses ``C_k``.
 """
 
 from __future__ import annotations

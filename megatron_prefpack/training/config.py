@@ -218,6 +218,10 @@ class SFTOptions:
     reduction: Literal["token", "response"] = "token"
     responses: Literal["all", "first"] = "all"
     """``first``: train on each group's first response only (the chosen one of a pair)."""
+    response_weights: list[float] | None = None
+    """Loss weight of each group's response ``k`` (e.g. ``[1.0, 0.5]``: thinking answer 0, plain
+    answer 1); the count the loss is divided by stays unweighted. Needs ``responses: all`` and a
+    weight for every response index of the data; adds ``loss/response_<k>`` to the logs."""
 
 
 @dataclass
@@ -664,6 +668,32 @@ def _check_values(cfg: TrainConfig) -> None:
     _check_performance(cfg)
     _check_logging(cfg)
     _check_best_checkpoints(cfg)
+    _check_objective(cfg)
+
+
+def _check_objective(cfg: TrainConfig) -> None:
+    """``objective.sft.response_weights``: finite numbers >= 0, with every response trained."""
+    sft = cfg.objective.sft
+    weights = sft.response_weights
+    if weights is None:
+        return
+    if not weights or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+        for w in weights
+    ):
+        raise config_error(
+            cfg,
+            "objective.sft.response_weights",
+            f"must be a non-empty list of finite numbers >= 0, got {weights!r}",
+        )
+    if sft.responses == "first":
+        raise config_error(
+            cfg,
+            "objective.sft.response_weights",
+            "weights each response of a group, but objective.sft.responses 'first' trains response 0 "
+            "only: set responses: all or remove the weights",
+            related=["objective.sft.responses"],
+        )
 
 
 def _check_logging(cfg: TrainConfig) -> None:

@@ -103,41 +103,81 @@ class TrainData:
         return out
 
 
-def groups_without_preference(dataset: GroupDataset) -> np.ndarray:
-    """Group ids that do not prefer response 0 over response 1: ``multi`` groups (SFT targets),
-    groups with fewer than two responses, and ``ranked`` groups whose first response does not
-    score strictly higher than their second. ``pair`` groups are chosen-first by construction."""
+def groups_without_preference(dataset: GroupDataset, ranking: str = "pair") -> np.ndarray:
+    """Group ids DPO with ``objective.dpo.ranking`` cannot train. ``pair``: groups that do not
+    prefer response 0 over response 1 (``multi`` groups, groups with fewer than two responses,
+    ``ranked`` groups whose first response does not score strictly higher than their second;
+    ``pair`` groups are chosen-first by construction). ``all_pairs``: groups without scores
+    (``multi``; tied responses just give no pair). ``plackett_luce``: those and ``ranked``
+    groups with tied scores (it needs a strict order)."""
     kinds = dataset.kinds
-    too_few = dataset.token_lengths().num_responses < 2
-    bad = (kinds == KINDS.index("multi")) | too_few
-    for group_id in np.flatnonzero((kinds == KINDS.index("ranked")) & ~too_few):
+    bad = kinds == KINDS.index("multi")
+    ranked = kinds == KINDS.index("ranked")
+    if ranking == "pair":
+        too_few = dataset.token_lengths().num_responses < 2
+        bad |= too_few
+        for group_id in np.flatnonzero(ranked & ~too_few):
+            scores = dataset.response_scores(int(group_id))
+            bad[group_id] = not scores[0] > scores[1]  # NaN compares False: no preference either
+    for group_id in np.flatnonzero(ranked) if ranking == "plackett_luce" else ():
         scores = dataset.response_scores(int(group_id))
-        bad[group_id] = not scores[0] > scores[1]  # NaN compares False: no preference either
+        bad[group_id] = len(np.unique(scores)) < len(scores)
     return np.flatnonzero(bad)
 
 
+_NO_PREFERENCE = {
+    "pair": "dpo trains each group's response 0 (chosen) against response 1 (rejected), but {n} "
+    "groups state no such preference ('multi' groups, or 'ranked' ones whose first response does "
+    "not score strictly higher than the second",
+    "all_pairs": "dpo with objective.dpo.ranking 'all_pairs' orders each group's responses by "
+    "their scores, but {n} groups have none ('multi' groups",
+    "plackett_luce": "dpo with objective.dpo.ranking 'plackett_luce' needs a strict order of "
+    "each group's scores, but {n} groups have none or tied scores ('multi' groups or tied 'ranked' "
+    "ones; ranking 'all_pairs' skips ties",
+}
+
+
 def _check_preferences(cfg: TrainConfig, dataset: GroupDataset) -> None:
-    """DPO trains response 0 (chosen) against response 1 (rejected): every group must say so."""
-    bad = groups_without_preference(dataset)
+    """Every group must state the preference the configured DPO ranking trains on."""
+    ranking = cfg.objective.dpo.ranking
+    bad = groups_without_preference(dataset, ranking)
+    if len(bad):
+        lines = [dataset[int(g)].meta["line"] for g in bad[:5]]
+        reason = _NO_PREFERENCE[ranking].format(n=f"{len(bad)} of {len(dataset)}")
+        raise config_error(
+            cfg,
+            "objective.type" if ranking == "pair" else "objective.dpo.ranking",
+            f"{reason}; source lines {lines} of {cfg.data.path}). Train them with objective.type "
+            "rm or sft, or reorder/filter them before preprocessing",
+            related=["objective.dpo.ranking"] if ranking == "pair" else ["objective.type"],
+        )
+
+
+def _check_response_weights(cfg: TrainConfig, dataset: GroupDataset) -> None:
+    """``objective.sft.response_weights`` must weigh every response index of the data."""
+    weights = cfg.objective.sft.response_weights
+    if weights is None:
+        return
+    bad = np.flatnonzero(dataset.token_lengths().num_responses > len(weights))
     if len(bad):
         lines = [dataset[int(g)].meta["line"] for g in bad[:5]]
         raise config_error(
             cfg,
-            "objective.type",
-            "dpo trains each group's response 0 (chosen) against "
-            f"response 1 (rejected), but {len(bad)} of {len(dataset)} groups in {cfg.data.path} state "
-            f"no such preference ('multi' groups, or 'ranked' ones whose first response does not "
-            f"score strictly higher than the second; source lines {lines}). Train them with "
-            "objective.type rm or sft, or reorder/filter them before preprocessing",
+            "objective.sft.response_weights",
+            f"{len(weights)} weights, but {len(bad)} groups in {cfg.data.path} have more responses "
+            f"(source lines {lines}): give one weight per response index",
         )
 
 
 def build_data(cfg: TrainConfig, tensor_parallel: int, context_parallel: int) -> TrainData:
     """Open ``cfg.data.path``, split, and pack both splits for the row length of this layout.
-    DPO refuses a dataset with groups that state no preference (:func:`groups_without_preference`)."""
+    DPO refuses a dataset with groups that state no preference (:func:`groups_without_preference`),
+    SFT one with more responses per group than ``objective.sft.response_weights`` weighs."""
     dataset = GroupDataset(cfg.data.path)
     if cfg.objective.type == "dpo":
         _check_preferences(cfg, dataset)
+    if cfg.objective.type == "sft":
+        _check_response_weights(cfg, dataset)
     pad_id = dataset.pad_id
     first_only = cfg.objective.type == "sft" and cfg.objective.sft.responses == "first"
     groups = FirstResponseView(dataset) if first_only else dataset

@@ -41,20 +41,6 @@ from typing import Any
 
 from megatron_prefpack.training.config import ConfigError, TrainConfig, config_error, load_config
 
-DPO_KEYS = [
-    "count",
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracy",
-    "rewards/margin",
-    "logps/chosen",
-    "logps/rejected",
-]
-RM_KEYS = ["count", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"]
-SFT_KEYS = ["count", "loss"]
-
-
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
@@ -124,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _objective(cfg: TrainConfig) -> tuple[Any, list[str]]:
+    """The objective ``cfg.objective`` configures and the metric keys the trainer sums over
+    micro-batches and ranks: ``count`` and the objective's own (``losses.objectives``)."""
     from megatron.core import parallel_state as ps
 
     from megatron_prefpack.losses import objectives
@@ -131,15 +119,18 @@ def _objective(cfg: TrainConfig) -> tuple[Any, list[str]]:
     cp_group = ps.get_context_parallel_group() if cfg.parallel.context > 1 else None
     kind = cfg.objective.type
     if kind == "dpo":
-        return objectives.DPOObjective(cfg.objective.dpo, cp_group=cp_group), DPO_KEYS
-    if kind == "rm":
-        if cfg.parallel.context > 1:
-            raise config_error(cfg, "parallel.context", "reward models do not support context parallelism")
-        return objectives.RewardObjective(cfg.objective.rm.center_coefficient), RM_KEYS
-    sft = cfg.objective.sft
-    return objectives.SFTObjective(
-        sft.reduction, first_only=sft.responses == "first", cp_group=cp_group
-    ), SFT_KEYS
+        objective = objectives.DPOObjective(cfg.objective.dpo, cp_group=cp_group)
+    elif kind == "rm":
+        objective = objectives.RewardObjective(cfg.objective.rm.center_coefficient, cp_group=cp_group)
+    else:
+        sft = cfg.objective.sft
+        objective = objectives.SFTObjective(
+            sft.reduction,
+            first_only=sft.responses == "first",
+            cp_group=cp_group,
+            response_weights=None if sft.response_weights is None else tuple(sft.response_weights),
+        )
+    return objective, ["count", *objective.metric_keys]
 
 
 def _global_work(batches: list[Any], device: Any) -> tuple[int, int, int]:
@@ -163,8 +154,14 @@ def _global_work(batches: list[Any], device: Any) -> tuple[int, int, int]:
 
 
 def _means(sums: dict[str, float]) -> dict[str, float]:
-    count = max(sums["count"], 1.0)
-    return {k: v / count for k, v in sums.items() if k != "count"}
+    """Metric sums -> means: ``<name>`` over ``count/<name>`` where the objective gives one,
+    else over ``count`` (``losses.objectives``); the counts themselves are left out."""
+    count = sums["count"]
+    return {
+        k: v / max(sums.get(f"count/{k}", count), 1.0)
+        for k, v in sums.items()
+        if k != "count" and not k.startswith("count/")
+    }
 
 
 def _starting_point(cfg: TrainConfig, log: Any) -> tuple[str | Path | None, bool]:

@@ -721,15 +721,15 @@ def summarize_training(metrics: Path) -> dict[str, Any]:
         "learned": None,
     }
     if len(evals) >= 2 and train:
-        keep = ("step", "count", "loss", "rewards/accuracy", "rewards/margin")
+        keep = ("step", "count", "loss", "rewards/accuracies", "rewards/margins")
         before, after = ({k: e.get(k) for k in keep} for e in (evals[0], evals[-1]))
         result["eval_before"], result["eval_after"] = before, after
         loss_fell = after["loss"] < before["loss"]
-        accurate = after["rewards/accuracy"] > 0.5
+        accurate = after["rewards/accuracies"] > 0.5
         result["learned"] = bool(loss_fell or accurate)
         result["verdict"] = (
             f"held-out DPO loss {before['loss']:.4f} -> {after['loss']:.4f}, reward accuracy "
-            f"{before['rewards/accuracy']:.1%} -> {after['rewards/accuracy']:.1%} ({after['count']} pairs)"
+            f"{before['rewards/accuracies']:.1%} -> {after['rewards/accuracies']:.1%} ({after['count']} pairs)"
         )
     return result
 
@@ -948,7 +948,7 @@ def _md_train(stage: dict) -> list[str]:
         [f"train loss (mean of first / last {r['train_loss_steps_averaged']} steps)",
          f"{_num(r['train_loss_first'], '.4f')} -> {_num(r['train_loss_last'], '.4f')}"],
         [f"held-out DPO loss ({after.get('count', '-')} pairs)", f"{_num(before.get('loss'), '.4f')} -> {_num(after.get('loss'), '.4f')}"],
-        ["held-out reward accuracy", f"{_num(before.get('rewards/accuracy'), '.1%')} -> {_num(after.get('rewards/accuracy'), '.1%')}"],
+        ["held-out reward accuracy", f"{_num(before.get('rewards/accuracies'), '.1%')} -> {_num(after.get('rewards/accuracies'), '.1%')}"],
         ["learned", str(r.get("learned"))],
     ]  # fmt: skip
     return [
