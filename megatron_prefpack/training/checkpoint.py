@@ -106,6 +106,13 @@ class CheckpointState:
     """The held-out metrics of the evaluation at this step (finite values only), which rank
     the checkpoint for :class:`BestPolicy`. None: not evaluated at its step."""
 
+    @property
+    def weights_only(self) -> bool:
+        """Whether the checkpoint holds weights but no training state to resume (optimizer and
+        LR schedule): what ``prefpack merge`` and ``prefpack merge-lora`` write (``scheduler``
+        None); ``prefpack train`` always saves its schedule."""
+        return self.scheduler is None
+
 
 @dataclass(frozen=True)
 class BestPolicy:

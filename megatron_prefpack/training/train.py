@@ -168,7 +168,9 @@ def _starting_point(cfg: TrainConfig, log: Any) -> tuple[str | Path | None, bool
     """The checkpoint to start from, and whether it is a resume (optimizer, schedule, data
     position and RNG too) rather than weights only. The newest complete, verified checkpoint
     in the save dir wins over ``checkpoint.load`` when ``checkpoint.auto_resume``; a save dir
-    that holds checkpoints but none usable raises ``CheckpointError`` (never a silent step 0)."""
+    that holds checkpoints but none usable raises ``CheckpointError`` (never a silent step 0).
+    A ``checkpoint.load`` that holds weights only (``prefpack merge`` / ``merge-lora`` output)
+    starts from its weights whatever ``load_optimizer`` says: there is nothing else to resume."""
     from megatron_prefpack.training import checkpoint
 
     ckpt = cfg.checkpoint
@@ -178,7 +180,15 @@ def _starting_point(cfg: TrainConfig, log: Any) -> tuple[str | Path | None, bool
             for note in point.notes:
                 log.info(note)
             return point.path, True
-    return ckpt.load, ckpt.load is not None and ckpt.load_optimizer
+    if ckpt.load is None or not ckpt.load_optimizer:
+        return ckpt.load, False
+    if checkpoint.read_state(ckpt.load).weights_only:
+        log.info(
+            f"checkpoint.load {ckpt.load} holds weights only (no optimizer state or schedule): "
+            "starting from its weights at step 0"
+        )
+        return ckpt.load, False
+    return ckpt.load, True
 
 
 def _check_resume_config(cfg: TrainConfig, saved: TrainConfig, where: Path, log: Any) -> bool:
