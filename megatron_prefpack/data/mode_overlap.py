@@ -17,7 +17,11 @@ the answer text as given (``"/think" + "<think>...</think> answer"``; put a sepa
 answers if one is wanted). At inference the marker is prefilled after the prompt (as Qwen3's
 template prefills an empty think block) and selects the mode. The markers and the two think
 tags must be single tokenizer pieces (``prefpack train-tokenizer --user-defined-symbols``;
-``--tokenizer`` checks it). The marker is a trained token of the response: in the overlap set
+``--tokenizer`` checks it). ``/think`` is also a substring of ``</think>``: SentencePiece's
+user-defined symbols and Hugging Face added tokens both take the longest match, so each stays
+its own token, and the check for markers already in an answer looks outside the tags. With
+chat records the marker opens the assistant message's content, right after the template's
+generation prompt. The marker is a trained token of the response: in the overlap set
 both markers follow the same prompt, so its loss tends to ``log 2`` per response (``2 log 2``
 per group), a constant that the prefilled marker makes harmless; in each parent's single-mode
 set (``--emit-single``) it tends to 0.
