@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Think-Fusion (A.X K1's recipe, arXiv 2601.09200) at demo scale on CPU, on bundled HH-RLHF data.
 #
-#   bash examples/think_fusion_cpu.sh          the whole recipe (about 10 minutes on 2 cores)
+#   bash examples/think_fusion_cpu.sh          the whole recipe (about 5 minutes on 2 cores)
 #   BASE_STEPS=2 PARENT_STEPS=2 FUSION_STEPS=2 PROMPTS=4 bash examples/think_fusion_cpu.sh
-#                                              the same steps at CI scale (numbers meaningless)
+#                                              the same steps at CI scale (about 2 minutes; numbers meaningless)
 #
 # The recipe: (1) SFT a thinking and a non-thinking model from a common base, (2) merge them
 # linearly, theta = 0.8 theta_think + 0.2 theta_plain (prefpack merge), (3) SFT the merged model
