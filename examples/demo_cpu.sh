@@ -22,12 +22,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${OUT:-demo_out}"
 nproc="${NPROC:-1}"
 lora="${LORA:-0}"
-python="${PREFPACK_PYTHON:-}"
-if [ -z "$python" ]; then
-  python="$(bash "$repo/tools/setup_env.sh" | tail -n 1)"
-fi
-bin="$(dirname "$python")"
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"  # Megatron warns at length about missing TE/apex on CPU
+source "$repo/examples/python_env.sh"
 start=$SECONDS
 
 configs="$repo/examples/configs"

@@ -35,12 +35,7 @@ parent_steps="${PARENT_STEPS:-60}"
 fusion_steps="${FUSION_STEPS:-40}"
 prompts="${PROMPTS:-64}"
 max_new_tokens="${MAX_NEW_TOKENS:-16}"
-python="${PREFPACK_PYTHON:-}"
-if [ -z "$python" ]; then
-  python="$(bash "$repo/tools/setup_env.sh" | tail -n 1)"
-fi
-bin="$(dirname "$python")"
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"  # Megatron warns at length about missing TE/apex on CPU
+source "$repo/examples/python_env.sh"
 start=$SECONDS
 
 here="$repo/examples/think_fusion"
