@@ -85,7 +85,7 @@ fi
 
 echo "== 7/8 transformers loads it: the packed run's held-out log-probs, and a reply"
 "${launch[@]}" ref-logprobs --config "$configs/demo_dpo.yaml" "${common[@]}" \
-  --load "$final" --output "$out/dpo_logprobs.npy"
+  checkpoint.load="$final" --output "$out/dpo_logprobs.npy"
 "$python" "$repo/examples/check_hf_export.py" --hf-dir "$out/hf" --data "$out/data" \
   --table "$out/dpo_logprobs.npy" --tokenizer "$out/tokenizer.model"
 

@@ -38,9 +38,13 @@ pins=("torch==2.13.0")
 if [ -n "${MCORE:-}" ]; then
   pins+=("megatron-core==$MCORE")
   if [ "$py_minor" -lt 12 ]; then
-    # megatron-core >= 0.17 declares Python >= 3.12 but runs on 3.11 (it needs triton there);
-    # numpy 2.5 really needs 3.12.
-    pins+=(--ignore-requires-python "numpy<2.5" triton)
+    # megatron-core >= 0.17 declares Python >= 3.12 but runs on 3.11 (it needs triton there).
+    # Only megatron-core itself skips the Python check (installed alone, without dependencies):
+    # --ignore-requires-python on the full install would let pip pick other packages' 3.12-only
+    # releases (contourpy 1.4 as an sdist that fails to build). numpy 2.5 really needs 3.12.
+    echo "[setup] installing megatron-core==$MCORE alone (--ignore-requires-python)" >&2
+    "${pip[@]}" install --no-deps --ignore-requires-python "megatron-core==$MCORE" >&2
+    pins+=("numpy<2.5" triton)
   fi
 fi
 echo "[setup] installing megatron-prefpack[dev] with ${pins[*]}" >&2
