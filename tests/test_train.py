@@ -309,6 +309,26 @@ def _write_reference(args: list[str], load: str, output: str) -> None:
     write_reference_logprobs(load_config(None, args, check_reference=False), load, Path(output))
 
 
+def _ref_logprobs_cli(argv: list[str]) -> int:
+    from megatron_prefpack import cli
+
+    return cli.main(argv)
+
+
+def test_ref_logprobs_load_flag_needs_no_checkpoint_load_of_the_config(dataset, initial_weights, tmp_path):
+    """``--load`` names the checkpoint to read: a config whose own ``checkpoint.load`` does not
+    exist (yet: it names a later stage's input) still works."""
+    load = initial_weights[0].split("=", 1)[1]
+    table = tmp_path / "ref.npy"
+    config = tmp_path / "dpo.yaml"
+    config.write_text("objective:\n  type: dpo\n")
+    argv = ["ref-logprobs", "--config", str(config), "--load", load, "--output", str(table)]
+    argv += [*overrides(dataset, tmp_path / "r"), f"checkpoint.load={tmp_path / 'not-yet'}"]
+    assert run_distributed(_ref_logprobs_cli, 1, argv) == [0]
+    header = json.loads((tmp_path / "ref.npy.json").read_text())
+    assert header["checkpoint"]["path"] == str(Path(load, "iter_0000000").resolve())
+
+
 def test_offline_reference_file_matches_the_online_reference(dataset, initial_weights, tmp_path):
     load = initial_weights[0].split("=", 1)[1]
     table = tmp_path / "ref.npy"

@@ -200,8 +200,11 @@ def run(args: argparse.Namespace) -> int:
     from megatron_prefpack.training.checkpoint import CheckpointError
     from megatron_prefpack.training.config import ConfigError, load_config
 
+    overrides = [*args.set, *args.overrides]
+    if args.load is not None:  # the checkpoint to read: the config's own checkpoint.load may not exist yet
+        overrides.append(f"checkpoint.load={args.load}")
     try:
-        cfg = load_config(args.config, [*args.set, *args.overrides], check_reference=False)
+        cfg = load_config(args.config, overrides, check_reference=False)
         load = args.load or cfg.reference.load or cfg.checkpoint.load
         write_reference_logprobs(cfg, load, Path(args.output))
     except (ConfigError, DatasetError, CheckpointError) as err:
