@@ -408,21 +408,22 @@ class _Crash(Exception):
     """The process "dies" here."""
 
 
-def _save_crashing_before(n: int, save_dir: Path, step: int, tiny: Any, monkeypatch: Any) -> bool:
-    """Save, raising before the ``n``-th filesystem mutation; whether it crashed."""
+def crashing_before(n: int, monkeypatch: Any, fn: Callable[..., Any], *args: Any) -> bool:
+    """Run ``fn(*args)``, raising before the ``n``-th filesystem mutation of a checkpoint
+    operation; whether it crashed."""
     real = checkpoint._fs
     count = 0
 
-    def fs(op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def fs(op: Callable[..., Any], *op_args: Any, **kwargs: Any) -> Any:
         nonlocal count
         count += 1
         if count == n:
             raise _Crash
-        return real(op, *args, **kwargs)
+        return real(op, *op_args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "_fs", fs)
     try:
-        _save(save_dir, step, tiny, keep=1)
+        fn(*args)
     except _Crash:
         return True
     finally:
@@ -441,7 +442,7 @@ def test_a_crash_before_any_filesystem_mutation_of_a_save_loses_nothing(step, ti
     while True:
         save_dir = tmp_path / f"crash{crash_points + 1}"
         shutil.copytree(base, save_dir)
-        crashed = _save_crashing_before(crash_points + 1, save_dir, step, tiny, monkeypatch)
+        crashed = crashing_before(crash_points + 1, monkeypatch, _save, save_dir, step, tiny, 1)
         point = checkpoint.find_resume(save_dir)
         assert point is not None
         assert checkpoint.load(point.path, model, optimizer).step >= 2, (crash_points, point)

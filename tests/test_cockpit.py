@@ -51,7 +51,7 @@ from megatron_prefpack.training.metrics import (
     validation_block,
 )
 from tests.distributed import run_distributed
-from tests.test_checkpoint import _build, _Crash, _state
+from tests.test_checkpoint import _build, _state, crashing_before
 from tests.test_train import SFT, _train, make_dataset, overrides
 
 MEGATRON_LINE = re.compile(
@@ -261,29 +261,6 @@ def test_pruning_keeps_the_newest_and_the_best_by_the_recorded_evaluation(mode, 
     assert checkpoint.find_resume(tmp_path).path.name == "iter_0000006"
 
 
-def _crashing_before(n: int, monkeypatch: Any, fn: Any, *args: Any) -> bool:
-    """Run ``fn(*args)``, raising before the ``n``-th filesystem mutation of a checkpoint
-    save; whether it crashed."""
-    real = checkpoint._fs
-    count = 0
-
-    def fs(op: Any, *op_args: Any, **kwargs: Any) -> Any:
-        nonlocal count
-        count += 1
-        if count == n:
-            raise _Crash
-        return real(op, *op_args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "_fs", fs)
-    try:
-        fn(*args)
-    except _Crash:
-        return True
-    finally:
-        monkeypatch.setattr(checkpoint, "_fs", real)
-    return False
-
-
 def test_a_crash_at_any_point_of_a_save_keeps_the_best(tiny, monkeypatch, tmp_path):
     """Before each filesystem mutation of a save (new checkpoint, best.json, pruning) the process
     dies; the best checkpoint so far survives, and the requeued job's save ends with the best
@@ -297,7 +274,7 @@ def test_a_crash_at_any_point_of_a_save_keeps_the_best(tiny, monkeypatch, tmp_pa
     while True:
         save_dir = tmp_path / f"crash{crash_points}"
         shutil.copytree(base, save_dir)
-        crashed = _crashing_before(
+        crashed = crashing_before(
             crash_points + 1, monkeypatch, _save_evaluated, save_dir, 4, 0.7, tiny, policy
         )
         assert (save_dir / "iter_0000001" / checkpoint.MANIFEST).is_file(), crash_points

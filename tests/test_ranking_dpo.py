@@ -22,7 +22,7 @@ from megatron_prefpack.data.layout import build_row
 from megatron_prefpack.losses.dpo import DPOConfig, ranking_dpo_losses
 from megatron_prefpack.losses.objectives import DPO_METRICS, DPOObjective
 from tests.distributed import run_distributed
-from tests.objective_checks import assert_micro_batches_sum_to_whole
+from tests.objective_checks import assert_micro_batches_sum_to_whole, naive_response_stats
 
 
 def softplus(x: float) -> float:
@@ -173,22 +173,6 @@ def _reference(batch: RowBatch) -> torch.Tensor:
     )
 
 
-def _naive(logits: torch.Tensor, rows: list, groups: dict) -> dict[tuple[int, int], tuple[float, float, int]]:
-    """(group, k) -> (log-prob sum, mean logit over its tokens and the vocabulary, tokens),
-    read straight from the full logits at each segment."""
-    out = {}
-    for r, row in enumerate(rows):
-        logps = torch.log_softmax(logits[r].double(), dim=-1)
-        for placement in row.groups:
-            for seg in placement.segments:
-                response = groups[placement.group_id].responses[seg.response_index]
-                positions = range(seg.start, seg.start + len(response))
-                logp = sum(float(logps[t, int(tok)]) for t, tok in zip(positions, response, strict=True))
-                mean_logit = float(logits[r, seg.start : seg.start + len(response)].double().mean())
-                out[(placement.group_id, seg.response_index)] = (logp, mean_logit, len(response))
-    return out
-
-
 def _run(objective: DPOObjective, rows: list, groups: dict, leaf: torch.Tensor, ids: list[int], total: int):
     batch = collate([rows[i] for i in ids], groups)
     return objective(batch, leaf[ids], total, _reference(batch))
@@ -208,7 +192,7 @@ def test_objective_on_packed_k3_rows_by_hand(ranking: str) -> None:
     )
     assert set(whole.metrics) == set(objective.metric_keys) == {*DPO_METRICS, "nll_loss"}
 
-    naive = _naive(logits, rows, groups)
+    naive = naive_response_stats(logits, rows, groups)
     ref = {(g, k): -3.0 - 0.5 * k - 0.1 * g for g, k in naive}
     loss = accuracy = logits_chosen = nll = 0.0
     for g in (3, 5, 8):
@@ -239,7 +223,7 @@ def test_pair_metrics_against_the_full_logits() -> None:
     beta = 0.5
     objective = DPOObjective(DPOConfig("sigmoid", beta=beta, rpo_alpha=0.1))
     out = _run(objective, rows, groups, logits.clone(), [0, 1], 4)
-    naive = _naive(logits, rows, groups)
+    naive = naive_response_stats(logits, rows, groups)
     expected = dict.fromkeys((*DPO_METRICS[1:], "nll_loss"), 0.0)
     for g in (1, 3, 5, 8):
         (pc, lc, nc), (pr, lr, _) = naive[(g, 0)], naive[(g, 1)]

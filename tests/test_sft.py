@@ -11,7 +11,7 @@ from megatron_prefpack.data.groups import TokenizedGroup
 from megatron_prefpack.data.layout import build_row
 from megatron_prefpack.losses.objectives import SFTObjective
 from megatron_prefpack.losses.sft import sft_response_losses
-from tests.objective_checks import assert_micro_batches_sum_to_whole
+from tests.objective_checks import assert_micro_batches_sum_to_whole, naive_response_stats
 
 VOCAB = 16
 ROW = 40
@@ -39,15 +39,7 @@ def _rows(groups: dict[int, TokenizedGroup], layout: list[list[int]]) -> list:
 
 def _naive_nll(logits: torch.Tensor, rows: list, groups: dict) -> dict[tuple[int, int], tuple[float, int]]:
     """(group, k) -> (NLL sum, tokens), read straight from the logits at each segment."""
-    out = {}
-    for r, row in enumerate(rows):
-        logps = torch.log_softmax(logits[r].double(), dim=-1)
-        for placement in row.groups:
-            for seg in placement.segments:
-                response = groups[placement.group_id].responses[seg.response_index]
-                nll = -sum(float(logps[seg.start + i, int(t)]) for i, t in enumerate(response))
-                out[(placement.group_id, seg.response_index)] = (nll, len(response))
-    return out
+    return {key: (-logp, n) for key, (logp, _, n) in naive_response_stats(logits, rows, groups).items()}
 
 
 def test_sft_response_losses_for_both_reductions() -> None:
