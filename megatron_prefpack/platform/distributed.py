@@ -169,6 +169,12 @@ def destroy(keep_process_group: bool = False) -> None:
         dist.destroy_process_group()
 
 
+def progress(prog: str, message: str) -> None:
+    """Print ``[prefpack] <prog>: <message>`` on global rank 0 only (progress of a collective job)."""
+    if dist.get_rank() == 0:
+        print(f"[prefpack] {prog}: {message}", flush=True)
+
+
 def any_rank_failed(error: str | None, prog: str) -> bool:
     """Collective: whether any rank passed an ``error`` (None = it did fine). Every rank gets
     the same answer, so all stop together (none waits on a peer that gave up); rank 0 prints

@@ -279,13 +279,6 @@ def plan_merge(
 # ----------------------------------------------------------------------------- merge
 
 
-def _progress(message: str) -> None:
-    import torch.distributed as dist
-
-    if dist.get_rank() == 0:
-        print(f"[prefpack] merge: {message}", flush=True)
-
-
 def _layout(parallel: Any) -> str:
     """A parallel config in a few words (``TP2 EP2``)."""
     sizes = {"TP": parallel.tensor, "PP": parallel.pipeline, "EP": parallel.expert, "CP": parallel.context}
@@ -369,7 +362,7 @@ def run_merge(plan: MergePlan) -> Path:
         reward = plan.inputs[0].state.objective == "rm"
         chunks = build_chunks(model_cfg, transformer_config(cfg, model_cfg), reward_head=reward)
         weights = " + ".join(f"{item.weight:g} x input {i + 1}" for i, item in enumerate(plan.inputs))
-        _progress(f"{weights}, written by {world} rank(s) under {_layout(cfg.parallel)}")
+        platform.progress("merge", f"{weights}, written by {world} rank(s) under {_layout(cfg.parallel)}")
         acc: dict[str, Any] = {}
         kept: list[dict[str, Any]] = []
         for i, item in enumerate(plan.inputs):
@@ -379,9 +372,10 @@ def run_merge(plan: MergePlan) -> Path:
                 kept = [_unmerged_entries(chunk) for chunk in chunks]
             _accumulate(acc, chunks, item.weight)
             saved = f"step {item.state.step}, saved by {item.state.world_size} rank(s) under {_layout(item.config.parallel)}"
-            _progress(
+            platform.progress(
+                "merge",
                 f"input {i + 1}/{len(plan.inputs)} {item.path} ({saved}): weight {item.weight:g}, "
-                f"added in {time.perf_counter() - tick:.1f} s"
+                f"added in {time.perf_counter() - tick:.1f} s",
             )
         _write_back(acc, chunks, kept)
         state = checkpoint.CheckpointState(
@@ -396,7 +390,9 @@ def run_merge(plan: MergePlan) -> Path:
         if dist.get_rank() == 0:
             _write_record(plan, path)
         dist.barrier()
-        _progress(f"wrote {path} (and {plan.output / MERGE_RECORD}) in {time.perf_counter() - start:.1f} s")
+        platform.progress(
+            "merge", f"wrote {path} (and {plan.output / MERGE_RECORD}) in {time.perf_counter() - start:.1f} s"
+        )
     finally:
         platform.destroy()
     return path

@@ -57,13 +57,6 @@ def merged_config(cfg: Any) -> Any:
     return plain
 
 
-def _progress(message: str) -> None:
-    import torch.distributed as dist
-
-    if dist.get_rank() == 0:
-        print(f"[prefpack] merge-lora: {message}", flush=True)
-
-
 def merge_lora(cfg: Any, load: str | Path, output: Path) -> Path:
     """Load the LoRA checkpoint ``load`` into ``cfg``'s model, merge, save in ``output``.
 
@@ -95,12 +88,17 @@ def merge_lora(cfg: Any, load: str | Path, output: Path) -> Path:
         chunks = build_chunks(
             model_cfg, transformer_config(cfg, model_cfg), reward_head=state.objective == "rm"
         )
-        _progress(f"loading base {state.base['path']} (step {state.base['step']}) and the adapters of {load}")
+        platform.progress(
+            "merge-lora",
+            f"loading base {state.base['path']} (step {state.base['step']}) and the adapters of {load}",
+        )
         state = checkpoint.load(load, chunks, restore_rng=False)
         merge_adapters(chunks)
         if checkpoint.has_adapters(chunks):
             raise RuntimeError("merge_adapters left adapter parameters in the model")
-        _progress(f"adapters merged into the base weights ({time.perf_counter() - start:.1f} s)")
+        platform.progress(
+            "merge-lora", f"adapters merged into the base weights ({time.perf_counter() - start:.1f} s)"
+        )
         merged = checkpoint.CheckpointState(
             step=state.step,
             consumed_rows=state.consumed_rows,
@@ -110,7 +108,9 @@ def merge_lora(cfg: Any, load: str | Path, output: Path) -> Path:
             world_size=dist.get_world_size(),
         )
         path = checkpoint.save(output, merged, chunks, None, keep=0)
-        _progress(f"wrote the full checkpoint {path} in {time.perf_counter() - start:.1f} s")
+        platform.progress(
+            "merge-lora", f"wrote the full checkpoint {path} in {time.perf_counter() - start:.1f} s"
+        )
     finally:
         platform.destroy()
     return path
