@@ -157,11 +157,12 @@ def _means(sums: dict[str, float]) -> dict[str, float]:
     """Metric sums -> means: ``<name>`` over ``count/<name>`` where the objective gives one,
     else over ``count`` (``losses.objectives``); the counts themselves are left out."""
     count = sums["count"]
-    return {
-        k: v / max(sums.get(f"count/{k}", count), 1.0)
-        for k, v in sums.items()
-        if k != "count" and not k.startswith("count/")
-    }
+    return {k: v / max(sums.get(f"count/{k}", count), 1.0) for k, v in sums.items() if not _is_count(k)}
+
+
+def _is_count(key: str) -> bool:
+    """Whether a metric key is a count (``count``, ``count/<name>``) rather than a metric."""
+    return key == "count" or key.startswith("count/")
 
 
 def _starting_point(cfg: TrainConfig, log: Any) -> tuple[str | Path | None, bool]:
@@ -633,7 +634,7 @@ def _best_policy(cfg: TrainConfig, metric_keys: list[str]) -> Any:
     ckpt = cfg.checkpoint
     if not ckpt.keep_best:
         return None
-    evaluated = [key for key in metric_keys if key != "count" and not key.startswith("count/")]
+    evaluated = [key for key in metric_keys if not _is_count(key)]
     if ckpt.best_metric not in evaluated:
         raise config_error(
             cfg,
