@@ -228,6 +228,14 @@ def _rename(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
 
 
+def _replace_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically: write ``.<name>.tmp`` beside it, then rename it over ``path``
+    (two crash points: a reader sees the old file or the new one, never a torn one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _fs(_write_bytes, tmp, data)
+    _fs(_rename, tmp, path)
+
+
 def _remove_tree(path: Path) -> None:
     """Remove a checkpoint directory: its manifest first, so that a crash halfway leaves a
     directory that nothing takes for complete."""
@@ -831,9 +839,7 @@ def _publish(save_dir: Path, partial: Path, final: Path) -> None:
             _remove_tree(replaced)
         _fs(_rename, final, replaced)
     _fs(_rename, partial, final)
-    tmp_pointer = save_dir / f".{LATEST}.tmp"
-    _fs(_write_bytes, tmp_pointer, (final.name + "\n").encode())
-    _fs(_rename, tmp_pointer, save_dir / LATEST)
+    _replace_file(save_dir / LATEST, (final.name + "\n").encode())
     if replaced.exists():
         _remove_tree(replaced)
 
@@ -864,9 +870,7 @@ def _write_best(save_dir: Path, policy: BestPolicy) -> list[Path]:
         **dataclasses.asdict(policy),
         "best": [{"checkpoint": p.name, "step": _step(p), "value": v} for p, v in ranked],
     }
-    tmp = save_dir / f".{BEST}.tmp"
-    _fs(_write_bytes, tmp, (json.dumps(listing, indent=1) + "\n").encode())
-    _fs(_rename, tmp, save_dir / BEST)
+    _replace_file(save_dir / BEST, (json.dumps(listing, indent=1) + "\n").encode())
     return [p for p, _ in ranked]
 
 
