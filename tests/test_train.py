@@ -212,10 +212,15 @@ def test_resume_reproduces_the_uninterrupted_run(world, optimizer, dataset, tmp_
     np.testing.assert_array_equal(resumed["grad_norm"], straight["grad_norm"][3:])
 
 
-def test_resubmitted_job_continues_from_its_save_dir(dataset, initial_weights, tmp_path):
+@pytest.mark.parametrize(
+    "load_optimizer", [False, True], ids=["weights_only_load", "weights_only_checkpoint"]
+)
+def test_resubmitted_job_continues_from_its_save_dir(load_optimizer, dataset, initial_weights, tmp_path):
     """Slurm requeue: the same command again resumes from the newest checkpoint in the save
     dir, not from ``checkpoint.load``; the online reference is reloaded from the weights the
-    run started from."""
+    run started from (also when ``checkpoint.load`` is a weights-only checkpoint that
+    ``load_optimizer: true`` starts from, as it does a ``prefpack merge`` output)."""
+    initial_weights = [*initial_weights[:1], f"checkpoint.load_optimizer={str(load_optimizer).lower()}"]
     straight = train_ranks(1, overrides(dataset, tmp_path / "a", *initial_weights, "run.train_steps=6"))
     first = train_ranks(1, overrides(dataset, tmp_path / "b", *initial_weights, "run.train_steps=3"))
     again = train_ranks(1, overrides(dataset, tmp_path / "b", *initial_weights, "run.train_steps=6"))

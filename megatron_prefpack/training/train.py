@@ -181,15 +181,27 @@ def _starting_point(cfg: TrainConfig, log: Any) -> tuple[str | Path | None, bool
             for note in point.notes:
                 log.info(note)
             return point.path, True
-    if ckpt.load is None or not ckpt.load_optimizer:
-        return ckpt.load, False
-    if checkpoint.read_state(ckpt.load).weights_only:
+    if ckpt.load is None:
+        return None, False
+    from_weights = _starts_from_weights(cfg)
+    if from_weights and ckpt.load_optimizer:
         log.info(
             f"checkpoint.load {ckpt.load} holds weights only (no optimizer state or schedule): "
             "starting from its weights at step 0"
         )
-        return ckpt.load, False
-    return ckpt.load, True
+    return ckpt.load, not from_weights
+
+
+def _starts_from_weights(cfg: TrainConfig) -> bool:
+    """Whether this run started (or starts) from the weights of ``checkpoint.load`` alone:
+    ``load_optimizer: false``, or a weights-only checkpoint (``prefpack merge`` /
+    ``merge-lora`` output), which has nothing else to resume."""
+    from megatron_prefpack.training import checkpoint
+
+    ckpt = cfg.checkpoint
+    return ckpt.load is not None and (
+        not ckpt.load_optimizer or checkpoint.read_state(ckpt.load).weights_only
+    )
 
 
 def _check_resume_config(cfg: TrainConfig, saved: TrainConfig, where: Path, log: Any) -> bool:
@@ -402,7 +414,7 @@ def _train(cfg: TrainConfig, watcher: Any) -> TrainResult:
         if cfg.reference.mode == "online":
             reference_chunks = build_chunks(model_cfg, copy.copy(tcfg))
             reference_load = cfg.reference.load
-            if reference_load is None and resume and not cfg.checkpoint.load_optimizer:
+            if reference_load is None and resume and _starts_from_weights(cfg):
                 reference_load = cfg.checkpoint.load  # the weights this run started from
             if reference_load is not None:
                 checkpoint.load(reference_load, reference_chunks, restore_rng=False)
