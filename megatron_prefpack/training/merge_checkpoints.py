@@ -39,8 +39,8 @@ the parameter dtype once at the end, is elementwise: the result does not depend 
 Output. ``OUT`` becomes a save dir (``latest`` -> ``iter_0000000``) holding a weights-only
 checkpoint (no optimizer state) whose ``prefpack.json`` has step 0, input A's objective and input
 A's config with the merge's layout; ``OUT/merge.json`` records the merge: each input's path,
-step, manifest digest and weight. ``prefpack train ... checkpoint.load=OUT
-checkpoint.load_optimizer=false`` starts a run from it under any layout; ``prefpack ref-logprobs
+step, manifest digest and weight. ``prefpack train ... checkpoint.load=OUT`` starts a run from
+its weights under any layout (weights only: ``load_optimizer`` does not apply); ``prefpack ref-logprobs
 --load OUT`` and ``tools/export_hf_checkpoint.py --load OUT`` read it like any other. ``OUT``
 must not exist or be empty.
 
@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "example (Think-Fusion):\n"
         "  prefpack merge --input runs/think/checkpoints --input runs/plain/checkpoints \\\n"
         "      --weights 0.8 0.2 --output runs/fused\n"
-        "  prefpack train --config next.yaml checkpoint.load=runs/fused checkpoint.load_optimizer=false\n"
+        "  prefpack train --config next.yaml checkpoint.load=runs/fused\n"
         "large models: torchrun --nproc-per-node 8 $(which prefpack) merge ... --set parallel.expert=8\n\n"
         "Inputs may be saved under any TP/PP/EP layout; the output is written under this run's\n"
         "(world size and parallel.* overrides) and loads under any. Each rank holds its model\n"
